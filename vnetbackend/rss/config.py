@@ -1,0 +1,132 @@
+"""A guest's RSS configuration, validated, and the steering decision it gives a frame."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from vnetbackend.rss.frame import parse_frame, select_hash_input
+from vnetbackend.rss.toeplitz import ByteTables, hash_with_tables, tables_for
+from vnetbackend.rss.types import (
+    ALL_HASH_TYPES,
+    MAX_KEY_SIZE,
+    MAX_QUEUES,
+    MAX_TABLE_LENGTH,
+    HashReport,
+    HashType,
+)
+
+
+class InvalidRssConfig(ValueError):
+    """An RSS configuration value the device cannot accept.
+
+    ``field`` names the offending field and ``value`` holds what was given.
+    """
+
+    def __init__(self, field_name: str, value: object, reason: str) -> None:
+        super().__init__(f"RSS {field_name} = {value!r}: {reason}")
+        self.field = field_name
+        self.value = value
+
+
+class Steering(NamedTuple):
+    """What the device does with one frame."""
+
+    hash: int
+    report: HashReport
+    queue: int
+    hash_input: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RssConfig:
+    """The device's RSS state as the driver set it with VIRTIO_NET_CTRL_MQ_RSS_CONFIG.
+
+    ``queues`` is the number of receive queues in use; every queue index must be below it.
+    Construction validates every field and raises `InvalidRssConfig` on the first bad one.
+    """
+
+    hash_types: HashType
+    key: bytes
+    indirection_table: tuple[int, ...]
+    queues: int
+    unclassified_queue: int = 0
+    _tables: ByteTables = field(init=False, repr=False, compare=False)
+
+    def __init__(
+        self,
+        *,
+        hash_types: int,
+        key: bytes,
+        indirection_table: Sequence[int],
+        queues: int,
+        unclassified_queue: int = 0,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "queues", _check_queues(queues))
+        set_(self, "hash_types", _check_hash_types(hash_types))
+        set_(self, "key", _check_key(key))
+        set_(self, "indirection_table", _check_table(indirection_table, self.queues))
+        set_(self, "unclassified_queue", _check_queue("unclassified_queue",
+                                                      unclassified_queue, self.queues))
+        set_(self, "_tables", tables_for(self.key))
+
+    def steer(self, frame: bytes) -> Steering:
+        """Hash, report type and receive queue for *frame*; never raises."""
+        report, data = select_hash_input(parse_frame(frame), self.hash_types)
+        if report is HashReport.NONE:
+            return Steering(0, report, self.unclassified_queue, data)
+        value = hash_with_tables(self._tables, data)
+        table = self.indirection_table
+        return Steering(value, report, table[value & (len(table) - 1)], data)
+
+
+def _check_queues(queues: int) -> int:
+    if not isinstance(queues, int) or isinstance(queues, bool):
+        raise InvalidRssConfig("queues", queues, "must be an integer")
+    if not 1 <= queues <= MAX_QUEUES:
+        raise InvalidRssConfig("queues", queues, f"must be in 1..{MAX_QUEUES}")
+    return queues
+
+
+def _check_hash_types(hash_types: int) -> HashType:
+    if not isinstance(hash_types, int) or isinstance(hash_types, bool):
+        raise InvalidRssConfig("hash_types", hash_types, "must be an integer bit mask")
+    unknown = hash_types & ~int(ALL_HASH_TYPES)
+    if hash_types < 0 or unknown:
+        raise InvalidRssConfig("hash_types", hash_types,
+                               f"unknown bits 0x{unknown & 0xFFFFFFFF:x} (known: 0x1ff)")
+    return HashType(hash_types)
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes | bytearray | memoryview):
+        raise InvalidRssConfig("key", key, "must be bytes")
+    key = bytes(key)
+    if not 1 <= len(key) <= MAX_KEY_SIZE:
+        raise InvalidRssConfig("key", key.hex(),
+                               f"length {len(key)} is outside 1..{MAX_KEY_SIZE} bytes")
+    return key
+
+
+def _check_queue(name: str, queue: object, queues: int) -> int:
+    if not isinstance(queue, int) or isinstance(queue, bool):
+        raise InvalidRssConfig(name, queue, "must be an integer queue index")
+    if not 0 <= queue < queues:
+        raise InvalidRssConfig(name, queue, f"queue index outside 0..{queues - 1}")
+    return queue
+
+
+def _check_table(table: Sequence[int], queues: int) -> tuple[int, ...]:
+    try:
+        entries = tuple(table)
+    except TypeError:
+        raise InvalidRssConfig("indirection_table", table, "must be a sequence") from None
+    length = len(entries)
+    if not 1 <= length <= MAX_TABLE_LENGTH or length & (length - 1):
+        raise InvalidRssConfig("indirection_table", length,
+                               f"length must be a power of two in 1..{MAX_TABLE_LENGTH}")
+    for index, queue in enumerate(entries):
+        _check_queue(f"indirection_table[{index}]", queue, queues)
+    return entries
