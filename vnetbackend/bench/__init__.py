@@ -1,0 +1,9 @@
+"""Benchmarks that print their figures as one JSON object.
+
+Each benchmark is a module here with ``add_arguments(parser)`` and
+``run(args) -> dict``; `BENCHMARKS` maps the command-line name to the module.
+"""
+
+BENCHMARKS = {
+    "reference": "vnetbackend.bench.reference",
+}

@@ -1,0 +1,29 @@
+"""Throughput of the reference model: frames steered per second on one core."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from vnetbackend.rss import ALL_HASH_TYPES, RssConfig
+from vnetbackend.rss.samples import MICROSOFT_KEY, sample_frames
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=200_000,
+                        help="frames steered per case (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    config = RssConfig(hash_types=ALL_HASH_TYPES, key=MICROSOFT_KEY,
+                       indirection_table=range(128), queues=128)
+    cases: dict[str, object] = {}
+    for name, frame in sample_frames().items():
+        rounds = args.frames
+        start = time.perf_counter()
+        for _ in range(rounds):
+            config.steer(frame)
+        elapsed = time.perf_counter() - start
+        cases[name] = {"frames_per_s": round(rounds / elapsed), "us_per_frame":
+                       round(elapsed / rounds * 1e6, 3)}
+    return {"benchmark": "reference", "frames": args.frames, "cases": cases}
