@@ -27,7 +27,8 @@ BROADCAST_MAC = b"\xff" * 6
 HOST_MAC = bytes.fromhex("02000000aa01")
 
 
-def _addr(text: str | bytes, version: int) -> bytes:
+def ip_bytes(text: str | bytes, version: int) -> bytes:
+    """The packed form of an IPv4 or IPv6 address given as text or bytes."""
     packed = text if isinstance(text, bytes) else ipaddress.ip_address(text).packed
     if len(packed) != (4 if version == 4 else 16):
         raise ValueError(f"not an IPv{version} address: {text!r}")
@@ -85,7 +86,7 @@ def raw(proto: int, data: bytes) -> L4:
 def ipv4(src: str | bytes, dst: str | bytes, l4: L4, *, options: bytes = b"",
          fragment_offset: int = 0, more_fragments: bool = False, ident: int = 1) -> L3:
     """An IPv4 packet. *options* is padded to 4 bytes; offset is in 8-byte units."""
-    s, d = _addr(src, 4), _addr(dst, 4)
+    s, d = ip_bytes(src, 4), ip_bytes(dst, 4)
     options += b"\0" * (-len(options) % 4)
     body = l4.render(s + d + struct.pack("!BBH", 0, l4.proto, len(l4.header + l4.payload)))
     ihl = 5 + len(options) // 4
@@ -129,15 +130,15 @@ def dest_options(options: bytes = b"") -> Ext:
 def home_address(addr: str | bytes) -> Ext:
     """A destination options header carrying the home address option (at 8n+6)."""
     return Ext(IPPROTO_DSTOPTS, _pad_options(4) + bytes([HOME_ADDRESS_OPTION, 16])
-               + _addr(addr, 6))
+               + ip_bytes(addr, 6))
 
 
 def routing_type2(addr: str | bytes) -> Ext:
-    return Ext(IPPROTO_ROUTING, bytes([2, 1]) + b"\0" * 4 + _addr(addr, 6))
+    return Ext(IPPROTO_ROUTING, bytes([2, 1]) + b"\0" * 4 + ip_bytes(addr, 6))
 
 
 def routing(segments: Sequence[str | bytes], routing_type: int = 0) -> Ext:
-    addrs = b"".join(_addr(a, 6) for a in segments)
+    addrs = b"".join(ip_bytes(a, 6) for a in segments)
     return Ext(IPPROTO_ROUTING, bytes([routing_type, len(segments)]) + b"\0" * 4 + addrs)
 
 
@@ -147,7 +148,7 @@ def fragment(offset: int = 0, more: bool = False, ident: int = 1) -> Ext:
 
 def ipv6(src: str | bytes, dst: str | bytes, l4: L4, *, ext: Sequence[Ext] = ()) -> L3:
     """An IPv6 packet with the extension headers *ext* in order before *l4*."""
-    s, d = _addr(src, 6), _addr(dst, 6)
+    s, d = ip_bytes(src, 6), ip_bytes(dst, 6)
     seg_len = len(l4.header + l4.payload)
     body = l4.render(s + d + struct.pack("!IxxxB", seg_len, l4.proto))
     kinds = [e.kind for e in ext] + [l4.proto]

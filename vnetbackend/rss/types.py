@@ -85,8 +85,9 @@ def parse_hash_types(text: str) -> HashType:
             mask = int(text, 16)
         except ValueError:
             raise ValueError(f"hash types: {text!r} is not a hex mask") from None
-        if mask & ~ALL_HASH_TYPES:
-            raise ValueError(f"hash types: unknown bits 0x{mask & ~ALL_HASH_TYPES:x} in {text}")
+        unknown = mask & ~int(ALL_HASH_TYPES)
+        if unknown:
+            raise ValueError(f"hash types: unknown bits 0x{unknown:x} in {text}")
         return HashType(mask)
     mask = HashType(0)
     for word in filter(None, (w.strip().lower() for w in text.split(","))):
