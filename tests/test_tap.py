@@ -1,0 +1,113 @@
+"""Real multi-queue taps: creation, queues, control queue, errors."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.prereq import need_tun
+from vnetbackend import tap
+
+_serial = itertools.count()
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    need_tun()
+    tap_name = f"vt{os.getpid() % 100000}t{next(_serial)}"
+    yield tap_name
+    tap.delete_tap(tap_name)
+
+
+def _link_details(tap_name: str) -> str:
+    return subprocess.run(["ip", "-d", "link", "show", "dev", tap_name], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_created_tap_is_persistent_multiqueue_vnet_hdr_and_up(name: str) -> None:
+    tap.create_tap(name)
+    assert tap.tap_exists(name)
+    details = _link_details(name)
+    assert "type tap" in details
+    assert "multi_queue" in details
+    assert "vnet_hdr on" in details
+    assert "persist on" in details
+    assert ",UP" in details
+
+
+def test_queues_and_control_queue(name: str) -> None:
+    tap.create_tap(name)
+    fds = [tap.open_queue(name) for _ in range(4)]
+    control = tap.open_control_queue(name)
+    try:
+        details = _link_details(name)
+        assert "numqueues 4" in details
+        assert "numdisabled 1" in details
+        assert tap.vnet_hdr_size(fds[0]) == 10
+        tap.set_vnet_hdr_size(fds[0], 12)
+        assert tap.vnet_hdr_size(fds[1]) == 12
+        tap.set_steering_program(control, -1)
+    finally:
+        for fd in [*fds, control]:
+            os.close(fd)
+
+
+def test_creating_an_existing_tap_fails_and_keeps_it(name: str) -> None:
+    tap.create_tap(name)
+    with pytest.raises(tap.TapError, match="exists") as caught:
+        tap.create_tap(name)
+    assert caught.value.errno == errno.EEXIST
+    assert name in str(caught.value)
+    assert tap.tap_exists(name)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 16, "a b", "a/b", "a:b", "t%d", ".", "ñame"])
+def test_invalid_names_are_refused(bad: str) -> None:
+    with pytest.raises(tap.TapError, match="check name") as caught:
+        tap.create_tap(bad)
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_delete_is_idempotent_and_context_manager_cleans_up(name: str) -> None:
+    with tap.TapDevice(name) as device:
+        fd = device.open_queue()
+        os.close(fd)
+        assert tap.tap_exists(name)
+    assert not tap.tap_exists(name)
+    tap.delete_tap(name)
+
+
+def test_context_manager_deletes_on_error(name: str) -> None:
+    with pytest.raises(RuntimeError), tap.TapDevice(name):
+        raise RuntimeError("boom")
+    assert not tap.tap_exists(name)
+
+
+def test_a_tap_deleted_under_us_gives_clear_errors(name: str) -> None:
+    tap.create_tap(name)
+    control = tap.open_control_queue(name)
+    try:
+        subprocess.run(["ip", "link", "del", "dev", name], check=True)
+        with pytest.raises(tap.TapError, match="gone") as caught:
+            tap.set_steering_program(control, -1)
+        assert name in str(caught.value)
+        with pytest.raises(tap.TapError, match="no such device") as missing:
+            tap.open_queue(name)
+        assert missing.value.errno == errno.ENODEV
+        assert not tap.tap_exists(name)
+    finally:
+        os.close(control)
+
+
+def test_non_tap_devices_are_left_alone() -> None:
+    need_tun()
+    with pytest.raises(tap.TapError, match="not a tun/tap"):
+        tap.delete_tap("lo")
+    with pytest.raises(tap.TapError, match="not a multi-queue"):
+        tap.open_queue("lo")
+    assert tap.tap_exists("lo")
