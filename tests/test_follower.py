@@ -1,0 +1,50 @@
+"""Following QEMU's RSS trace events in a file that grows."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from vnetbackend.qemu.follower import TraceFollower, parse_trace_line
+
+
+def test_trace_lines_are_parsed() -> None:
+    enable = parse_trace_line(
+        "4242@1700000000.012345:virtio_net_rss_enable hashes 0x3f, table of 128, key of 40\n")
+    assert enable is not None
+    assert (enable.kind, enable.hash_types, enable.table_length, enable.key_length) == (
+        "enable", 0x3F, 128, 40)
+    assert enable.at == 1700000000.012345
+    disable = parse_trace_line("virtio_net_rss_disable ")
+    assert disable is not None and (disable.kind, disable.at) == ("disable", None)
+    error = parse_trace_line("1@2.000003:virtio_net_rss_error Invalid key size, value 0x00000050")
+    assert error is not None and error.detail == "Invalid key size, value 0x00000050"
+    assert parse_trace_line("1@2.000003:virtio_net_announce_timer") is None
+    assert parse_trace_line("garbage \x00\xff") is None
+
+
+async def test_follower_yields_lines_as_they_are_appended(tmp_path: Path) -> None:
+    log = tmp_path / "trace.log"
+    log.write_text("1@1.000001:virtio_net_rss_disable \n")
+    async with TraceFollower(log) as follower:
+        events = aiter(follower)
+        with log.open("a") as out:
+            out.write("noise from another event\n1@5.000002:virtio_net_rss_en")
+            out.flush()
+            out.write("able hashes 0x7, table of 4, key of 40\n")
+            out.flush()
+            first = await asyncio.wait_for(anext(events), 5)
+            out.write("1@6.000000:virtio_net_rss_disable \n")
+            out.flush()
+            second = await asyncio.wait_for(anext(events), 5)
+    assert (first.kind, first.hash_types, first.table_length, first.at) == (
+        "enable", 0x7, 4, 5.000002)
+    assert second.kind == "disable"
+
+
+async def test_follower_can_replay_from_the_start(tmp_path: Path) -> None:
+    log = tmp_path / "trace.log"
+    log.write_text("1@1.000001:virtio_net_rss_disable \n")
+    async with TraceFollower(log, from_start=True) as follower:
+        event = await asyncio.wait_for(anext(aiter(follower)), 5)
+    assert event.at == 1.000001

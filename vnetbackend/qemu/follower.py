@@ -1,0 +1,114 @@
+"""Following the guest's RSS commits as QEMU reports them.
+
+QEMU's ``virtio_net_rss_*`` trace events (log backend, ``-msg timestamp=on``) are written
+to a file once per RSS command the guest sends::
+
+    1234@1700000000.123456:virtio_net_rss_enable hashes 0x3f, table of 128, key of 40
+    1234@1700000000.223456:virtio_net_rss_disable
+    1234@1700000000.323456:virtio_net_rss_error Invalid key size, value 0x00000050
+
+`TraceFollower` tails that file without polling (inotify wakes it) and yields one
+`RssTraceEvent` per line. The events say *that* the configuration changed; what it
+changed to is read from the device itself (see `vnetbackend.qemu.snapshot`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import aiofiles
+
+from vnetbackend.qemu.inotify import FileWatch
+
+_LINE = re.compile(
+    r"^(?:(?P<pid>\d+)@(?P<sec>\d+)\.(?P<usec>\d{6}):)?virtio_net_rss_"
+    r"(?P<kind>enable|disable|error)\b ?(?P<args>.*)$"
+)
+_ENABLE_ARGS = re.compile(r"hashes 0x(?P<hashes>[0-9a-f]+), table of (?P<table>\d+), "
+                          r"key of (?P<key>\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class RssTraceEvent:
+    """One RSS trace line. ``at`` is QEMU's wall-clock time (None without timestamps)."""
+
+    kind: str
+    at: float | None
+    detail: str
+    hash_types: int | None = None
+    table_length: int | None = None
+    key_length: int | None = None
+
+
+def parse_trace_line(line: str) -> RssTraceEvent | None:
+    """The event on *line*, or None when the line is not an RSS trace event."""
+    match = _LINE.match(line.rstrip("\n"))
+    if not match:
+        return None
+    at = float(f"{match['sec']}.{match['usec']}") if match["sec"] else None
+    args = match["args"].strip()
+    enable = _ENABLE_ARGS.match(args) if match["kind"] == "enable" else None
+    if enable:
+        return RssTraceEvent("enable", at, args, int(enable["hashes"], 16),
+                             int(enable["table"]), int(enable["key"]))
+    return RssTraceEvent(match["kind"], at, args)
+
+
+class TraceFollower:
+    """Yields the RSS trace events appended to *path* from now on (or from the start).
+
+    Use as ``async with TraceFollower(path) as events: async for event in events``.
+    The file must exist (create it before QEMU opens it).
+    """
+
+    def __init__(self, path: Path, *, from_start: bool = False) -> None:
+        self.path = path
+        self._from_start = from_start
+        self._watch: FileWatch | None = None
+        self._file: aiofiles.threadpool.binary.AsyncBufferedReader | None = None
+        self._wakeup = asyncio.Event()
+
+    async def __aenter__(self) -> TraceFollower:
+        self._watch = FileWatch(self.path)
+        asyncio.get_running_loop().add_reader(self._watch.fd, self._on_modified)
+        self._file = await aiofiles.open(self.path, "rb")
+        if not self._from_start:
+            await self._file.seek(0, 2)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._watch is not None:
+            asyncio.get_running_loop().remove_reader(self._watch.fd)
+            self._watch.close()
+        if self._file is not None:
+            await self._file.close()
+
+    def _on_modified(self) -> None:
+        assert self._watch is not None
+        self._watch.drain()
+        self._wakeup.set()
+
+    def __aiter__(self) -> AsyncIterator[RssTraceEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[RssTraceEvent]:
+        assert self._file is not None, "use TraceFollower as an async context manager"
+        partial = b""
+        while True:
+            self._wakeup.clear()
+            chunk = await self._file.read()
+            if not chunk:
+                await self._wakeup.wait()
+                continue
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            for raw in lines:
+                event = parse_trace_line(raw.decode("utf-8", "replace"))
+                if event is not None:
+                    yield event
