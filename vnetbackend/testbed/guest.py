@@ -1,0 +1,178 @@
+"""Booting a test guest on a fresh tap, and tearing everything down whatever happens.
+
+`boot_guest` is an async context manager: it creates a tap, opens one queue fd per queue
+pair, starts QEMU paused on them, connects its control monitor and the agent port,
+lets the guest run and waits for the guest's own ready line. On leaving (normally or by
+an exception, including a failed boot) QEMU is stopped, the fds closed, the tap deleted
+and the run directory removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from vnetbackend import tap
+from vnetbackend.qemu.launch import GUEST_MAC, QemuProcess, VmPaths, VmSpec
+from vnetbackend.testbed.agent import AgentError, GuestAgent
+from vnetbackend.testbed.image import GuestImage, find_guest_image
+
+#: Boot-to-ready under TCG is ~10 s on an idle machine; the test machine is shared.
+DEFAULT_READY_TIMEOUT = 180.0
+CONSOLE_TAIL_LINES = 60
+_names = itertools.count()
+
+
+class GuestBootError(RuntimeError):
+    """The guest did not become ready; the message carries its console and QEMU's log."""
+
+    def __init__(self, reason: str, console: str, qemu_log: str) -> None:
+        tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
+        super().__init__(f"{reason}\n--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n"
+                         f"{tail}\n--- qemu output ---\n{qemu_log.strip()}")
+        self.reason = reason
+        self.console = console
+        self.qemu_log = qemu_log
+
+
+@dataclass(frozen=True, slots=True)
+class GuestOptions:
+    """What to boot. ``kernel_args`` is appended to the kernel command line."""
+
+    queues: int = 2
+    rss: bool = True
+    hash_report: bool = True
+    kernel_args: str = ""
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+    extra_args: tuple[str, ...] = ()
+    image: GuestImage | None = None
+
+
+@dataclass(slots=True)
+class Guest:
+    """A running guest: its tap, QEMU, agent and control monitor."""
+
+    tap_name: str
+    mac: bytes
+    qemu: QemuProcess
+    agent: GuestAgent
+    control: QMPClient
+    boot_seconds: float
+    queue_fds: list[int] = field(default_factory=list)
+
+    @property
+    def paths(self) -> VmPaths:
+        return self.qemu.spec.paths
+
+    @property
+    def qmp_socket(self) -> Path:
+        """The monitor left free for tests and the daemon (connect a `QMPClient` here)."""
+        return self.paths.qmp_socket
+
+    @property
+    def queues(self) -> int:
+        return self.qemu.spec.queues
+
+
+def unique_tap_name() -> str:
+    """A tap name no other process here picks: ``vg<pid>x<n>``."""
+    return f"vg{os.getpid()}x{next(_names)}"[: tap.IFNAMSIZ - 1]
+
+
+async def _agent_connected(control: QMPClient) -> bool:
+    for chardev in await control.execute("query-chardev"):
+        if chardev["label"] == "agent":
+            return not str(chardev["filename"]).startswith("disconnected")
+    raise AgentError("QEMU has no 'agent' chardev")
+
+
+async def _let_guest_run(control: QMPClient, timeout: float) -> None:
+    """Resume the paused VM once QEMU has accepted our agent connection.
+
+    The guest's ready line would be dropped if it came before that, so this waits for
+    QEMU to report the chardev connected (it accepts on its next main-loop turn).
+    """
+    deadline = time.monotonic() + timeout
+    while not await _agent_connected(control):
+        if time.monotonic() > deadline:
+            raise AgentError("QEMU did not accept the agent connection")
+        await asyncio.sleep(0.01)
+    await control.execute("cont")
+
+
+async def _wait_ready(qemu: QemuProcess, agent: GuestAgent, timeout: float) -> None:
+    ready = asyncio.ensure_future(agent.wait_ready())
+    exited = asyncio.ensure_future(qemu.wait())
+    try:
+        done, _ = await asyncio.wait({ready, exited}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ready, exited):
+            task.cancel()
+    if ready in done:
+        ready.result()
+        return
+    if exited in done:
+        raise AgentError(f"QEMU exited with status {qemu.returncode} before the guest was ready")
+    raise AgentError(f"the guest was not ready within {timeout:g} s")
+
+
+@contextlib.asynccontextmanager
+async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Guest]:
+    """Boot a guest as *options* say; yield it once ready; always clean up after.
+
+    Raises `GuestBootError` (with the console log) if it is not ready in time.
+    """
+    image = options.image or find_guest_image()
+    if image is None:
+        raise FileNotFoundError("no test guest image: run scripts/build-guest")
+    name = unique_tap_name()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"vnet-guest-{os.getpid()}-"))
+    fds: list[int] = []
+    qemu: QemuProcess | None = None
+    agent: GuestAgent | None = None
+    control = QMPClient(f"control-{name}")
+    try:
+        # tap.py talks netlink through pyroute2's synchronous API, which cannot run inside
+        # a running event loop: give it a thread.
+        await asyncio.to_thread(tap.create_tap, name)
+        for _ in range(options.queues):
+            fds.append(await asyncio.to_thread(tap.open_queue, name))
+        append = "console=ttyS0 panic=-1 " + options.kernel_args
+        spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
+                      run_dir=run_dir, append=append.strip(), rss=options.rss,
+                      hash_report=options.hash_report, extra_args=options.extra_args)
+        started = time.monotonic()
+        qemu = await QemuProcess.start(spec)
+        try:
+            agent = await GuestAgent.connect(spec.paths.agent_socket)
+            await control.connect(str(spec.paths.control_socket))
+            await _let_guest_run(control, timeout=30.0)
+            await _wait_ready(qemu, agent, options.ready_timeout)
+        except (AgentError, OSError) as err:
+            raise GuestBootError(str(err), qemu.console_text(), qemu.log_text()) from None
+        guest = Guest(tap_name=name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
+                      agent=agent, control=control, boot_seconds=time.monotonic() - started,
+                      queue_fds=fds)
+        yield guest
+    finally:
+        if agent is not None:
+            await agent.close()
+        with contextlib.suppress(Exception):
+            await control.disconnect()
+        if qemu is not None:
+            await qemu.stop()
+        for fd in fds:
+            os.close(fd)
+        await asyncio.to_thread(tap.delete_tap, name)
+        shutil.rmtree(run_dir, ignore_errors=True)
