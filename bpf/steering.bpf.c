@@ -1,0 +1,462 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Tap steering program: virtio-net RSS with a per-packet hash report.
+ *
+ * Loaded by vnetbackend.steering (bcc) as a BPF_PROG_TYPE_SOCKET_FILTER and attached to a
+ * multi-queue tap with TUNSETSTEERINGEBPF. It returns the receive queue index itself; tun
+ * takes it modulo the number of enabled queues.
+ *
+ * The semantics are those of the reference model, vnetbackend/rss/frame.py and
+ * vnetbackend/rss/config.py: read their docstrings for how the specification is read
+ * (VLAN tags, fragments, IPv6 extension headers, the _EX types).
+ *
+ * The hash is table-driven: for each byte position i of the hash input the loader stores
+ * toeplitz[i][v], the hash of byte value v at position i, so the hash of an input is the
+ * XOR of one table entry per byte.
+ *
+ * Every structure below is mirrored once in vnetbackend/steering/layout.py; change both.
+ */
+
+#define MAX_KEY_SIZE 40
+#define MAX_TABLE_LENGTH 128
+#define MAX_HASH_INPUT 36
+#define MAX_VLAN_TAGS 2
+#define MAX_EXT_HEADERS 8
+#define MAX_DSTOPT_OPTIONS 8
+
+#define ETH_HEADER_LEN 14
+#define ETH_P_IPV4 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_8021Q 0x8100
+#define ETH_P_8021AD 0x88A8
+
+#define PROTO_HOPOPTS 0
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ROUTING 43
+#define PROTO_FRAGMENT 44
+#define PROTO_AH 51
+#define PROTO_DSTOPTS 60
+#define HOME_ADDRESS_OPTION 0xC9
+
+/* VIRTIO_NET_RSS_HASH_TYPE_* */
+#define HASH_TYPE_IPV4 (1u << 0)
+#define HASH_TYPE_TCPV4 (1u << 1)
+#define HASH_TYPE_UDPV4 (1u << 2)
+#define HASH_TYPE_IPV6 (1u << 3)
+#define HASH_TYPE_TCPV6 (1u << 4)
+#define HASH_TYPE_UDPV6 (1u << 5)
+#define HASH_TYPE_IP_EX (1u << 6)
+#define HASH_TYPE_TCP_EX (1u << 7)
+#define HASH_TYPE_UDP_EX (1u << 8)
+
+/* VIRTIO_NET_HASH_REPORT_* */
+#define REPORT_NONE 0
+#define REPORT_IPV4 1
+#define REPORT_TCPV4 2
+#define REPORT_UDPV4 3
+#define REPORT_IPV6 4
+#define REPORT_TCPV6 5
+#define REPORT_UDPV6 6
+#define REPORT_IPV6_EX 7
+#define REPORT_TCPV6_EX 8
+#define REPORT_UDPV6_EX 9
+
+#ifndef REPORT_RING_PAGES
+#define REPORT_RING_PAGES 64
+#endif
+
+/*
+ * One complete RSS configuration. The program reads the slot that `active_slot` names;
+ * the loader writes the other slot and then flips `active_slot`, so a packet never sees
+ * half of one configuration and half of another.
+ */
+struct rss_slot {
+	u32 enabled;            /* 0: RSS off, every frame gets queue 0 and no hash */
+	u32 redirect;           /* 0: hash and report only, queue = unclassified_queue */
+	u32 hash_types;         /* VIRTIO_NET_RSS_HASH_TYPE_* mask */
+	u32 table_length;       /* indirection table length, a power of two */
+	u32 unclassified_queue;
+	u32 queues;             /* receive queues in use (kept for reading the config back) */
+	u32 key_length;
+	u8 key[MAX_KEY_SIZE];   /* the key the tables were built from (read back only) */
+	u16 indirection[MAX_TABLE_LENGTH];
+	u32 toeplitz[MAX_HASH_INPUT][256];
+};
+
+struct steering_control {
+	u32 active_slot;
+	u32 report_every;       /* 0: no reports; N: one report every N frames (per CPU) */
+};
+
+struct steering_counters {
+	u64 frames;             /* frames the program ran on */
+	u64 reports;            /* reports written to the ring buffer */
+	u64 reports_dropped;    /* reports lost because the ring buffer was full */
+	u64 until_report;       /* frames to skip before the next sampled report */
+};
+
+#define REPORT_FLAG_EXT_HEADERS 1
+#define REPORT_FLAG_FRAGMENT 2
+
+/* One record in the report ring buffer. Ports are host order; addresses network order. */
+struct steering_report {
+	u32 hash;
+	u16 queue;
+	u8 report_type;         /* VIRTIO_NET_HASH_REPORT_* */
+	u8 ip_version;          /* 0 for frames that are not IP (or unreadable) */
+	u8 l4_proto;            /* 6 or 17 when the transport header counts, else 0 */
+	u8 flags;               /* REPORT_FLAG_* */
+	u16 l3_offset;
+	u32 frame_len;
+	u32 l3_len;             /* frame_len - l3_offset for IP frames, else 0 */
+	u16 src_port;
+	u16 dst_port;
+	u8 src[16];             /* IPv4 addresses use the first 4 bytes */
+	u8 dst[16];
+};
+
+BPF_ARRAY(rss_slots, struct rss_slot, 2);
+BPF_ARRAY(control, struct steering_control, 1);
+BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
+BPF_RINGBUF_OUTPUT(reports, REPORT_RING_PAGES);
+
+/* What a frame offers to the hash (ParsedFrame in the reference model). */
+struct parsed {
+	u32 frame_len;
+	u16 l3_offset;
+	u8 ip_version;
+	u8 l4_proto;
+	u8 has_ext;
+	u8 fragment;
+	u8 has_home;
+	u8 has_routed;
+	u8 ports[4];
+	u8 src[16];
+	u8 dst[16];
+	u8 home[16];            /* ex_src when has_home */
+	u8 routed[16];          /* ex_dst when has_routed */
+};
+
+/*
+ * Reading the frame. A tun steering program sees the skb from the Ethernet header on;
+ * BPF_PROG_TEST_RUN hands a socket filter the skb with the Ethernet header already
+ * pulled (data at L3, the MAC header 14 bytes before it). `base` is the frame offset of
+ * skb->data (0 or 14); bytes past the Ethernet header are read relative to skb->data,
+ * which also reaches paged data, and the Ethernet header relative to the MAC header.
+ */
+static __always_inline int read_at(struct __sk_buff *skb, u32 base, u32 off, void *to, u32 len)
+{
+	return bpf_skb_load_bytes(skb, off - base, to, len);
+}
+
+static __always_inline int is_ext_header(u8 nh)
+{
+	return nh == PROTO_HOPOPTS || nh == PROTO_ROUTING || nh == PROTO_FRAGMENT ||
+	       nh == PROTO_AH || nh == PROTO_DSTOPTS;
+}
+
+static __always_inline void parse_transport(struct __sk_buff *skb, u32 base, struct parsed *p,
+					    u8 proto, u32 off)
+{
+	u32 need;
+
+	if (proto == PROTO_TCP)
+		need = 20;
+	else if (proto == PROTO_UDP)
+		need = 8;
+	else
+		return;
+	if (p->frame_len < off + need)
+		return;
+	if (read_at(skb, base, off, p->ports, 4) < 0)
+		return;
+	p->l4_proto = proto;
+}
+
+static __always_inline void parse_ipv4(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
+{
+	u8 h[20];
+	u32 ihl;
+
+	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 4)
+		return;
+	ihl = (h[0] & 0x0F) * 4;
+	if (ihl < 20 || p->frame_len < off + ihl)
+		return;
+	p->ip_version = 4;
+	p->l3_offset = off;
+	__builtin_memcpy(p->src, &h[12], 4);
+	__builtin_memcpy(p->dst, &h[16], 4);
+	if (((h[6] << 8) | h[7]) & 0x3FFF) {
+		p->fragment = 1;
+		return;
+	}
+	parse_transport(skb, base, p, h[9], off + ihl);
+}
+
+/* The home address option among the first options of a destination options header. */
+static __always_inline int find_home_address(struct __sk_buff *skb, u32 base, u32 pos, u32 end,
+					     u8 *home)
+{
+	u8 opt[2];
+
+	for (int i = 0; i < MAX_DSTOPT_OPTIONS; i++) {
+		if (pos >= end)
+			return 0;
+		if (pos + 2 > end) {
+			/* Room for a Pad1 only. */
+			if (read_at(skb, base, pos, opt, 1) < 0 || opt[0] != 0)
+				return 0;
+			pos += 1;
+			continue;
+		}
+		if (read_at(skb, base, pos, opt, 2) < 0)
+			return 0;
+		if (opt[0] == 0) {
+			pos += 1;
+			continue;
+		}
+		if (opt[0] == HOME_ADDRESS_OPTION && opt[1] == 16 && pos + 18 <= end)
+			return read_at(skb, base, pos + 2, home, 16) == 0;
+		pos += 2 + opt[1];
+	}
+	return 0;
+}
+
+static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
+{
+	u8 h[40];
+	u8 e[8];
+	u32 pos, length;
+	u8 nh;
+	int chain_ok = 0;
+
+	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 6)
+		return;
+	p->ip_version = 6;
+	p->l3_offset = off;
+	__builtin_memcpy(p->src, &h[8], 16);
+	__builtin_memcpy(p->dst, &h[24], 16);
+	nh = h[6];
+	pos = off + 40;
+
+	for (int i = 0; i < MAX_EXT_HEADERS; i++) {
+		if (!is_ext_header(nh)) {
+			chain_ok = 1;
+			break;
+		}
+		p->has_ext = 1;
+		if (read_at(skb, base, pos, e, sizeof(e)) < 0)
+			return;
+		if (nh == PROTO_FRAGMENT) {
+			length = 8;
+			if (((e[2] << 8) | e[3]) & 0xFFF9)
+				p->fragment = 1;
+		} else if (nh == PROTO_AH) {
+			length = (e[1] + 2) * 4;
+		} else {
+			length = (e[1] + 1) * 8;
+		}
+		if (p->frame_len < pos + length)
+			return;
+		if (nh == PROTO_ROUTING) {
+			if (!p->has_routed && e[2] == 2 && e[1] == 2)
+				p->has_routed = read_at(skb, base, pos + 8, p->routed, 16) == 0;
+		} else if (nh == PROTO_DSTOPTS && !p->has_home) {
+			p->has_home = find_home_address(skb, base, pos + 2, pos + length, p->home);
+		}
+		nh = e[0];
+		pos += length;
+	}
+	if (!chain_ok && is_ext_header(nh))
+		return;
+	if (!p->fragment)
+		parse_transport(skb, base, p, nh, pos);
+}
+
+/* XOR of one table entry per input byte: the Toeplitz hash of data at input position pos. */
+#define HASH_BYTES(slot, data, pos, n)                                        \
+	({                                                                    \
+		u32 h_ = 0;                                                   \
+		_Pragma("unroll") for (int i_ = 0; i_ < (n); i_++)            \
+			h_ ^= (slot)->toeplitz[(pos) + i_][(data)[i_]];       \
+		h_;                                                           \
+	})
+
+struct selection {
+	u32 hash;
+	u8 report;
+};
+
+static __always_inline void select_ipv4(const struct rss_slot *s, const struct parsed *p,
+					u32 types, struct selection *out)
+{
+	u8 report;
+
+	if ((types & HASH_TYPE_TCPV4) && p->l4_proto == PROTO_TCP)
+		report = REPORT_TCPV4;
+	else if ((types & HASH_TYPE_UDPV4) && p->l4_proto == PROTO_UDP)
+		report = REPORT_UDPV4;
+	else if (types & HASH_TYPE_IPV4)
+		report = REPORT_IPV4;
+	else
+		return;
+	out->report = report;
+	out->hash = HASH_BYTES(s, p->src, 0, 4) ^ HASH_BYTES(s, p->dst, 4, 4);
+	if (report != REPORT_IPV4)
+		out->hash ^= HASH_BYTES(s, p->ports, 8, 4);
+}
+
+/* The report for an IPv6 frame, or REPORT_NONE; `ex` picks the _EX rules. */
+static __always_inline u8 ipv6_report(const struct parsed *p, u32 types, int ex)
+{
+	u32 tcp = ex ? HASH_TYPE_TCP_EX : HASH_TYPE_TCPV6;
+	u32 udp = ex ? HASH_TYPE_UDP_EX : HASH_TYPE_UDPV6;
+	u32 ip = ex ? HASH_TYPE_IP_EX : HASH_TYPE_IPV6;
+
+	if ((types & tcp) && p->l4_proto == PROTO_TCP)
+		return ex ? REPORT_TCPV6_EX : REPORT_TCPV6;
+	if ((types & udp) && p->l4_proto == PROTO_UDP)
+		return ex ? REPORT_UDPV6_EX : REPORT_UDPV6;
+	if (types & ip)
+		return ex ? REPORT_IPV6_EX : REPORT_IPV6;
+	return REPORT_NONE;
+}
+
+static __always_inline void select_ipv6(const struct rss_slot *s, const struct parsed *p,
+					u32 types, struct selection *out)
+{
+	const u8 *src = p->src;
+	const u8 *dst = p->dst;
+	u8 report = REPORT_NONE;
+
+	if (p->has_ext) {
+		report = ipv6_report(p, types, 1);
+		if (report != REPORT_NONE) {
+			if (p->has_home)
+				src = p->home;
+			if (p->has_routed)
+				dst = p->routed;
+		}
+	}
+	if (report == REPORT_NONE)
+		report = ipv6_report(p, types, 0);
+	if (report == REPORT_NONE)
+		return;
+	out->report = report;
+	out->hash = HASH_BYTES(s, src, 0, 16) ^ HASH_BYTES(s, dst, 16, 16);
+	if (report != REPORT_IPV6 && report != REPORT_IPV6_EX)
+		out->hash ^= HASH_BYTES(s, p->ports, 32, 4);
+}
+
+static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
+					 u32 queue, struct steering_counters *cnt)
+{
+	struct steering_report *r = reports.ringbuf_reserve(sizeof(struct steering_report));
+
+	if (!r) {
+		cnt->reports_dropped++;
+		return;
+	}
+	r->hash = sel->hash;
+	r->queue = queue;
+	r->report_type = sel->report;
+	r->ip_version = p->ip_version;
+	r->l4_proto = p->l4_proto;
+	r->flags = (p->has_ext ? REPORT_FLAG_EXT_HEADERS : 0) |
+		   (p->fragment ? REPORT_FLAG_FRAGMENT : 0);
+	r->l3_offset = p->ip_version ? p->l3_offset : 0;
+	r->frame_len = p->frame_len;
+	r->l3_len = p->ip_version ? p->frame_len - p->l3_offset : 0;
+	if (p->l4_proto) {
+		r->src_port = (p->ports[0] << 8) | p->ports[1];
+		r->dst_port = (p->ports[2] << 8) | p->ports[3];
+	} else {
+		r->src_port = 0;
+		r->dst_port = 0;
+	}
+	__builtin_memset(r->src, 0, 16);
+	__builtin_memset(r->dst, 0, 16);
+	if (p->ip_version == 4) {
+		__builtin_memcpy(r->src, p->src, 4);
+		__builtin_memcpy(r->dst, p->dst, 4);
+	} else if (p->ip_version == 6) {
+		__builtin_memcpy(r->src, p->src, 16);
+		__builtin_memcpy(r->dst, p->dst, 16);
+	}
+	reports.ringbuf_submit(r, 0);
+	cnt->reports++;
+}
+
+int steer(struct __sk_buff *skb)
+{
+	u32 zero = 0;
+	struct steering_control *ctl = control.lookup(&zero);
+	struct steering_counters *cnt = counters.lookup(&zero);
+	struct rss_slot *s;
+	struct parsed p;
+	struct selection sel = {};
+	u32 slot, base, types, queue;
+	u8 probe, l2[2];
+	u16 ethertype;
+	u32 off = ETH_HEADER_LEN;
+
+	if (!ctl || !cnt)
+		return 0;
+	cnt->frames++;
+	slot = ctl->active_slot & 1;
+	s = rss_slots.lookup(&slot);
+	if (!s)
+		return 0;
+
+	__builtin_memset(&p, 0, 16);
+	/* Is there a byte skb->len bytes past the MAC header? Only if data is past it. */
+	base = bpf_skb_load_bytes_relative(skb, skb->len, &probe, 1, BPF_HDR_START_MAC) == 0
+		       ? ETH_HEADER_LEN : 0;
+	p.frame_len = skb->len + base;
+
+	if (bpf_skb_load_bytes_relative(skb, 12, l2, 2, BPF_HDR_START_MAC) == 0) {
+		ethertype = (l2[0] << 8) | l2[1];
+#pragma unroll
+		for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+			u8 tag[4];
+
+			if (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
+				break;
+			if (read_at(skb, base, off, tag, 4) < 0) {
+				ethertype = 0;
+				break;
+			}
+			ethertype = (tag[2] << 8) | tag[3];
+			off += 4;
+		}
+		if (ethertype == ETH_P_IPV4)
+			parse_ipv4(skb, base, &p, off);
+		else if (ethertype == ETH_P_IPV6)
+			parse_ipv6(skb, base, &p, off);
+	}
+
+	types = s->enabled ? s->hash_types : 0;
+	if (p.ip_version == 4)
+		select_ipv4(s, &p, types, &sel);
+	else if (p.ip_version == 6)
+		select_ipv6(s, &p, types, &sel);
+
+	if (!s->enabled)
+		queue = 0;
+	else if (sel.report == REPORT_NONE || !s->redirect)
+		queue = s->unclassified_queue;
+	else
+		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];
+
+	if (ctl->report_every) {
+		if (cnt->until_report == 0) {
+			cnt->until_report = ctl->report_every - 1;
+			write_report(&p, &sel, queue, cnt);
+		} else {
+			cnt->until_report--;
+		}
+	}
+	return queue;
+}

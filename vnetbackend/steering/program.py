@@ -1,0 +1,258 @@
+"""Loading the steering program with bcc, writing its maps and attaching it to a tap.
+
+RSS state lives in two slots of the `rss_slots` map; `apply` writes the slot that is not
+in use and then switches the program to it, so frames never see a half-written
+configuration. States the program can be in:
+
+* RSS on (`apply(config)`): hash by the configuration, queue from the indirection table,
+  unclassified frames to ``config.unclassified_queue``.
+* hash only (`apply(config, redirect=False)`): hash and report as configured, every frame
+  to ``config.unclassified_queue`` (the device computes hashes but does not steer).
+* RSS off (`disable()`, also the state right after loading): no hash, report type NONE,
+  every frame to queue 0.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from vnetbackend import tap
+from vnetbackend.rss import InvalidRssConfig, RssConfig
+from vnetbackend.rss.toeplitz import tables_for
+from vnetbackend.rss.types import MAX_HASH_INPUT
+from vnetbackend.steering.layout import (
+    SLOT_COUNT,
+    RssSlot,
+    SteeringControl,
+    SteeringCounters,
+)
+from vnetbackend.steering.reports import ReportReader
+
+#: Where the C source lives: ``bpf/`` at the top of the repository.
+SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
+DEFAULT_RING_PAGES = 64
+
+
+class SteeringError(RuntimeError):
+    """The steering program could not be loaded, or its maps not read or written."""
+
+
+class MapsInconsistent(SteeringError):
+    """The program's maps disagree with themselves (e.g. tables not built from the key)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Totals over all CPUs since load (or the last `reset_counters`)."""
+
+    frames: int
+    reports: int
+    reports_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringState:
+    """What the maps say: RSS on or off, steering or hash-only, and the configuration."""
+
+    enabled: bool
+    redirect: bool
+    config: RssConfig | None
+
+
+def _map_call(name: str, what: str, result: int) -> None:
+    if result < 0:
+        err = ct.get_errno()
+        raise SteeringError(f"steering map {name}: {what} failed (errno {err})")
+
+
+class SteeringProgram:
+    """The steering program, loaded and verified, with its maps.
+
+    *ring_pages* sizes the report ring buffer (a power of two, in pages).
+    """
+
+    def __init__(self, *, ring_pages: int = DEFAULT_RING_PAGES,
+                 source: Path = SOURCE_PATH) -> None:
+        if ring_pages < 1 or ring_pages & (ring_pages - 1):
+            raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+        try:
+            text = source.read_text()
+        except OSError as err:
+            raise SteeringError(f"steering program source {source}: {err.strerror}") from None
+        from bcc import BPF  # imported late: bcc needs root and kernel headers to be useful
+        from bcc.libbcc import lib
+        from bcc.utils import get_possible_cpus
+
+        self._lib = lib
+        try:
+            self._bpf = BPF(text=text, cflags=[f"-DREPORT_RING_PAGES={ring_pages}"])
+            self._function = self._bpf.load_func("steer", BPF.SOCKET_FILTER)
+        except Exception as err:  # bcc raises bare Exception for compile/verifier errors
+            raise SteeringError(f"loading {source.name}: {err}") from err
+        self._cpus = len(get_possible_cpus())
+        self._fds = {name: self._bpf[name].map_fd
+                     for name in ("rss_slots", "control", "counters", "reports")}
+        self.ring_pages = ring_pages
+        self._reader: ReportReader | None = None
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        """The program's fd, for TUNSETSTEERINGEBPF or BPF_PROG_TEST_RUN."""
+        return self._function.fd
+
+    def close(self) -> None:
+        """Unload (a tap the program is attached to keeps its own reference)."""
+        self._bpf.cleanup()
+
+    def __enter__(self) -> SteeringProgram:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- raw map access -----------------------------------------------------------------
+
+    def _lookup(self, name: str, index: int, value: ct.Array | ct.Structure) -> None:
+        key = ct.c_uint32(index)
+        _map_call(name, f"lookup [{index}]",
+                  self._lib.bpf_lookup_elem(self._fds[name], ct.byref(key), ct.byref(value)))
+
+    def _update(self, name: str, index: int, value: ct.Array | ct.Structure) -> None:
+        key = ct.c_uint32(index)
+        _map_call(name, f"update [{index}]",
+                  self._lib.bpf_update_elem(self._fds[name], ct.byref(key), ct.byref(value), 0))
+
+    def _control(self) -> SteeringControl:
+        control = SteeringControl()
+        self._lookup("control", 0, control)
+        return control
+
+    def _active_slot(self) -> tuple[int, RssSlot]:
+        index = self._control().active_slot % SLOT_COUNT
+        slot = RssSlot()
+        self._lookup("rss_slots", index, slot)
+        return index, slot
+
+    def _switch_to(self, slot: RssSlot) -> None:
+        control = self._control()
+        spare = (control.active_slot + 1) % SLOT_COUNT
+        self._update("rss_slots", spare, slot)
+        control.active_slot = spare
+        self._update("control", 0, control)
+
+    # -- configuration ------------------------------------------------------------------
+
+    def apply(self, config: RssConfig, *, redirect: bool = True) -> None:
+        """Make *config* the live RSS configuration (see the module docstring).
+
+        Anything but an `RssConfig` is refused with TypeError and changes nothing.
+        """
+        if not isinstance(config, RssConfig):
+            raise TypeError(f"apply needs an RssConfig, got {type(config).__name__}")
+        slot = RssSlot(enabled=1, redirect=int(bool(redirect)), hash_types=int(config.hash_types),
+                       table_length=len(config.indirection_table),
+                       unclassified_queue=config.unclassified_queue, queues=config.queues,
+                       key_length=len(config.key))
+        slot.key[: len(config.key)] = config.key
+        slot.indirection[: len(config.indirection_table)] = config.indirection_table
+        for position, table in enumerate(tables_for(config.key)):
+            slot.toeplitz[position][:] = table
+        self._switch_to(slot)
+
+    def disable(self) -> None:
+        """RSS off: no hash, report type NONE, every frame to queue 0."""
+        self._switch_to(RssSlot(table_length=1, queues=1))
+
+    def read_state(self) -> SteeringState:
+        """The live configuration as the maps hold it.
+
+        Raises `MapsInconsistent` if the Toeplitz tables were not built from the stored
+        key, and InvalidRssConfig if the stored values are no valid configuration.
+        """
+        _, slot = self._active_slot()
+        if not slot.enabled:
+            return SteeringState(False, False, None)
+        key = bytes(slot.key)[: slot.key_length]
+        expected = tables_for(key)
+        for position in range(MAX_HASH_INPUT):
+            found = list(slot.toeplitz[position])
+            if found != list(expected[position]):
+                byte = next(v for v in range(256) if found[v] != expected[position][v])
+                raise MapsInconsistent(
+                    f"toeplitz[{position}][{byte}] = 0x{found[byte]:08x}, the key gives "
+                    f"0x{expected[position][byte]:08x}")
+        config = RssConfig(hash_types=slot.hash_types, key=key,
+                           indirection_table=list(slot.indirection)[: slot.table_length],
+                           queues=slot.queues, unclassified_queue=slot.unclassified_queue)
+        return SteeringState(True, bool(slot.redirect), config)
+
+    def read_config(self) -> RssConfig | None:
+        """The live RssConfig, or None while RSS is off (see `read_state`)."""
+        return self.read_state().config
+
+    # -- test-only skews ----------------------------------------------------------------
+
+    def skew_indirection_entry(self, index: int, queue: int) -> None:
+        """Test only: overwrite one indirection entry of the live slot in place."""
+        slot_index, slot = self._active_slot()
+        if not 0 <= index < slot.table_length:
+            raise InvalidRssConfig("indirection_table index", index,
+                                   f"outside 0..{slot.table_length - 1}")
+        slot.indirection[index] = queue
+        self._update("rss_slots", slot_index, slot)
+
+    def skew_toeplitz_entry(self, position: int, byte: int, value: int) -> None:
+        """Test only: overwrite one Toeplitz table entry of the live slot in place."""
+        slot_index, slot = self._active_slot()
+        slot.toeplitz[position][byte] = value
+        self._update("rss_slots", slot_index, slot)
+
+    # -- reports and counters -----------------------------------------------------------
+
+    def set_reports(self, every: int) -> None:
+        """Report one frame in *every* (per CPU); 0 switches reports off."""
+        if not isinstance(every, int) or not 0 <= every <= 0xFFFFFFFF:
+            raise ValueError(f"report sampling must be 0..2**32-1, got {every!r}")
+        control = self._control()
+        control.report_every = every
+        self._update("control", 0, control)
+
+    @property
+    def report_every(self) -> int:
+        return self._control().report_every
+
+    def counters(self) -> Counters:
+        per_cpu = (SteeringCounters * self._cpus)()
+        self._lookup("counters", 0, per_cpu)
+        return Counters(frames=sum(c.frames for c in per_cpu),
+                        reports=sum(c.reports for c in per_cpu),
+                        reports_dropped=sum(c.reports_dropped for c in per_cpu))
+
+    def reset_counters(self) -> None:
+        """Zero the counters and restart the sampling on every CPU."""
+        self._update("counters", 0, (SteeringCounters * self._cpus)())
+
+    def reports(self) -> ReportReader:
+        """The reader of this program's report ring buffer (one per program)."""
+        if self._reader is None:
+            ring = self._bpf["reports"]
+            self._reader = ReportReader(ring.open_ring_buffer, self._bpf.ring_buffer_consume,
+                                        self._fds["reports"])
+        return self._reader
+
+    # -- taps ---------------------------------------------------------------------------
+
+    def attach(self, queue_fd: int) -> None:
+        """Make this the steering program of the tap behind *queue_fd* (a control queue)."""
+        tap.set_steering_program(queue_fd, self.fd)
+
+    @staticmethod
+    def detach(queue_fd: int) -> None:
+        """Remove whatever steering program the tap behind *queue_fd* has."""
+        tap.set_steering_program(queue_fd, -1)
