@@ -50,6 +50,7 @@ class Daemon:
         self.server.register("refuse", self.refuse)
         self.server.register("block", self.block)
         self.server.register("quit", self.quit)
+        self.server.register("not-json", self.not_json, {"nan": Param(bool)})
 
     async def echo(self, args: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(args)
@@ -70,6 +71,9 @@ class Daemon:
 
     async def quit(self, args: dict[str, Any]) -> None:
         await self.server.close()
+
+    async def not_json(self, args: dict[str, Any]) -> Any:
+        return {"value": float("nan")} if args["nan"] else {"value": {1, 2}}
 
 
 class RawClient:
@@ -149,13 +153,32 @@ async def test_greeting_and_query_version(client: QMPClient) -> None:
 async def test_query_commands_lists_builtins_and_registered(client: QMPClient) -> None:
     names = {entry["name"] for entry in await execute(client, "query-commands")}
     assert names == {"qmp_capabilities", "query-commands", "query-version",
-                     "echo", "crash", "refuse", "block", "quit"}
+                     "echo", "crash", "refuse", "block", "quit", "not-json"}
 
 
 async def test_registered_command_gets_its_arguments(client: QMPClient, daemon: Daemon) -> None:
     args = {"text": "ab", "count": 3, "loud": True, "extra": {"k": 1}, "items": [1]}
     assert await execute(client, "echo", args) == {"text": "ABABAB"}
     assert daemon.calls == [args]
+
+
+async def test_many_clients_at_once(daemon: Daemon, sock_path: Path) -> None:
+    clients = [QMPClient(f"many-{n}") for n in range(12)]
+    await asyncio.wait_for(asyncio.gather(*(c.connect(str(sock_path)) for c in clients)),
+                           TIMEOUT)
+    try:
+        replies = await asyncio.gather(*(execute(c, "echo", {"text": f"client {n}"})
+                                         for n, c in enumerate(clients)))
+        assert replies == [{"text": f"client {n}"} for n in range(len(clients))]
+        assert daemon.server.client_count == len(clients)
+    finally:
+        await asyncio.gather(*(c.disconnect() for c in clients))
+
+
+async def test_pipelined_commands_are_answered_in_order(client: QMPClient) -> None:
+    replies = await asyncio.gather(*(execute(client, "echo", {"text": str(n)})
+                                     for n in range(50)))
+    assert replies == [{"text": str(n)} for n in range(50)]
 
 
 async def test_only_qmp_capabilities_before_negotiation(raw: RawClient) -> None:
@@ -218,6 +241,15 @@ async def test_handler_exception_is_generic_error_and_serving_goes_on(
     failures = [r for r in caplog.records if r.name == "vnetbackend.qmp" and r.exc_info]
     assert len(failures) == 1
     assert await execute(client, "echo", {"text": "still here"}) == {"text": "still here"}
+
+
+@pytest.mark.parametrize("nan", [False, True])
+async def test_result_that_is_not_json_is_generic_error(client: QMPClient, nan: bool) -> None:
+    with pytest.raises(ExecuteError) as caught:
+        await execute(client, "not-json", {"nan": nan})
+    assert caught.value.error_class == "GenericError"
+    assert "not JSON" in str(caught.value)
+    assert await execute(client, "query-version") == VERSION.to_qmp()
 
 
 async def test_command_error_keeps_its_class(client: QMPClient) -> None:
@@ -343,7 +375,7 @@ async def test_client_that_never_reads_is_dropped_and_others_keep_up(sock_path: 
             await loop.sock_sendall(sleeper, b'{"execute": "qmp_capabilities"}')
             reader = QMPClient("reader")
             await asyncio.wait_for(reader.connect(str(sock_path)), TIMEOUT)
-            events = 200
+            events = 320  # 5 MiB: beyond any socket buffer and the 64 KiB allowance
             for number in range(events):
                 daemon.server.emit("BULK", {"n": number, "pad": "p" * (16 << 10)})
                 event = await asyncio.wait_for(reader.events.get(), TIMEOUT)
@@ -432,6 +464,15 @@ async def test_close_disconnects_clients(daemon: Daemon, client: QMPClient) -> N
         await execute(client, "query-version")
     with pytest.raises(EOFError):
         await client.disconnect()
+
+
+async def test_close_cancels_running_commands(daemon: Daemon, raw: RawClient) -> None:
+    await raw.negotiate()
+    await raw.send(b'{"execute": "block", "id": "stuck"}')
+    await asyncio.wait_for(daemon.blocked.wait(), TIMEOUT)
+    await asyncio.wait_for(daemon.server.close(), TIMEOUT)
+    assert await asyncio.wait_for(raw.reader.read(), TIMEOUT) == b""
+    assert not daemon.unblocked.is_set()
 
 
 async def test_quit_handler_may_close_the_server_and_still_reply(

@@ -206,8 +206,14 @@ class MessageSplitter:
         return end
 
 
-def _error(error_class: str, desc: str) -> dict[str, Any]:
-    return {"error": {"class": error_class, "desc": desc}}
+def _error(error_class: str, desc: str, echo: Mapping[str, Any] | None = None) -> bytes:
+    """An encoded error reply; echo holds the request's id, if it had one."""
+    return _encode({"error": {"class": error_class, "desc": desc}, **(echo or {})})
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    """One line of strict JSON (no NaN or Infinity), as QMP sends each message."""
+    return json.dumps(message, allow_nan=False).encode() + b"\r\n"
 
 
 class _Client:
@@ -230,9 +236,6 @@ class _Client:
             transport.abort()
             return
         transport.write(payload)
-
-    def send_message(self, message: Mapping[str, Any]) -> None:
-        self.send(json.dumps(message).encode() + b"\r\n")
 
 
 class QmpServer:
@@ -269,13 +272,16 @@ class QmpServer:
         return len(self._clients)
 
     def emit(self, name: str, data: Mapping[str, Any] | None = None) -> None:
-        """Send an event to every negotiated client, now; never waits on any of them."""
+        """Send an event to every negotiated client, now; never waits on any of them.
+
+        Raises TypeError or ValueError if data is not JSON (no NaN or Infinity either).
+        """
         seconds, microseconds = divmod(time.time_ns() // 1000, 1_000_000)
         event: dict[str, Any] = {"event": name}
         if data is not None:
             event["data"] = data
         event["timestamp"] = {"seconds": seconds, "microseconds": microseconds}
-        payload = json.dumps(event).encode() + b"\r\n"
+        payload = _encode(event)
         for client in list(self._clients):
             if client.negotiated:
                 client.send(payload)
@@ -295,7 +301,8 @@ class QmpServer:
     async def close(self) -> None:
         """Stop listening, disconnect every client and remove the socket file.
 
-        A handler may call this (a ``quit`` command): its own reply is still sent.
+        Commands still running are cancelled, except the caller's own: a handler may call
+        this (a ``quit`` command) and its reply is still sent before its client is closed.
         """
         self._closing = True
         if self._server is not None:
@@ -337,42 +344,47 @@ class QmpServer:
         self._clients.add(client)
         splitter = MessageSplitter(self._max_message_bytes)
         try:
-            client.send_message({"QMP": {"version": self.version.to_qmp(), "capabilities": []}})
+            client.send(_encode({"QMP": {"version": self.version.to_qmp(), "capabilities": []}}))
             while not self._closing and (data := await reader.read(_READ_CHUNK)):
                 for message in splitter.feed(data):
                     if isinstance(message, str):
-                        client.send_message(_error("GenericError", f"{message}, ignored"))
+                        client.send(_error("GenericError", f"{message}, ignored"))
                     else:
-                        client.send_message(await self._execute(client, message))
+                        client.send(await self._execute(client, message))
                     if self._closing:
                         break
         except OSError as err:
             log.debug("%s: %s", client.name, err)
+        except Exception:
+            log.exception("%s: connection failed", client.name)
         finally:
             self._clients.discard(client)
             writer.close()
             log.debug("%s disconnected", client.name)
 
-    async def _execute(self, client: _Client, raw: bytes) -> dict[str, Any]:
-        """Run one framed message and return the reply to send."""
+    async def _execute(self, client: _Client, raw: bytes) -> bytes:
+        """Run one framed message and return the encoded reply."""
         try:
-            text = raw.decode()
+            message = json.loads(raw.decode())
         except UnicodeDecodeError as err:
             return _error("GenericError", f"message is not valid UTF-8 (byte {err.start})")
-        try:
-            message = json.loads(text)
         except json.JSONDecodeError as err:
             return _error("GenericError", f"JSON parse error: {err}")
         if not isinstance(message, dict):
             kind = "null" if message is None else _TYPE_NAMES.get(type(message), "a number")
             return _error("GenericError", f"a QMP message must be a JSON object, not {kind}")
+        echo = {"id": message["id"]} if "id" in message else {}
         try:
-            reply: dict[str, Any] = {"return": await self._run_command(client, message)}
+            result = await self._run_command(client, message)
         except QmpCommandError as err:
-            reply = _error(err.error_class, err.desc)
-        if "id" in message:
-            reply["id"] = message["id"]
-        return reply
+            return _error(err.error_class, err.desc, echo)
+        try:
+            return _encode({"return": result, **echo})
+        except (TypeError, ValueError) as err:
+            log.error("command '%s' returned a value that is not JSON: %s",
+                      message["execute"], err)
+            return _error("GenericError", f"command '{message['execute']}' returned a value "
+                                          f"that is not JSON: {err}", echo)
 
     async def _run_command(self, client: _Client, message: dict[str, Any]) -> Any:
         if "exec-oob" in message:
@@ -402,7 +414,6 @@ class QmpServer:
         log.debug("%s: executing %s", client.name, name)
         try:
             result = await command.handler(args)
-            json.dumps(result)
         except QmpCommandError:
             raise
         except Exception as err:
