@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 import aiofiles
+from qemu.qmp import QMPClient
 
 from vnetbackend.qemu.inotify import FileWatch
 
@@ -112,3 +113,20 @@ class TraceFollower:
                 event = parse_trace_line(raw.decode("utf-8", "replace"))
                 if event is not None:
                     yield event
+
+
+async def control_queue_commits(qmp: QMPClient, virtio_path: str, control_queue: int,
+                                interval: float = 0.1) -> AsyncIterator[int]:
+    """Yield the control queue's used index each time it moves (checked every *interval* s).
+
+    The fallback for a QEMU whose trace events cannot be switched on: every control
+    command the guest sends (RSS among them) advances that index.
+    """
+    args = {"path": virtio_path, "queue": control_queue}
+    last = (await qmp.execute("x-query-virtio-queue-status", args))["used-idx"]
+    while True:
+        await asyncio.sleep(interval)
+        used = (await qmp.execute("x-query-virtio-queue-status", args))["used-idx"]
+        if used != last:
+            last = used
+            yield used

@@ -1,0 +1,63 @@
+"""One virtio-net device of a running QEMU, seen through QMP: where it is, its RSS state."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+from qemu.qmp import QMPClient
+
+from vnetbackend.qemu.snapshot import RssState, device_rss_state
+
+
+class DeviceNotFound(LookupError):
+    """QEMU has no virtio-net PCI device with the requested id."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetDevice:
+    """Where QMP finds a virtio-net PCI device: its qdev id, PCI address, virtio path."""
+
+    qdev_id: str
+    pci_address: str
+
+    @property
+    def virtio_path(self) -> str:
+        """The QOM path the ``x-query-virtio-*`` commands take."""
+        return f"/machine/peripheral/{self.qdev_id}/virtio-backend"
+
+
+async def find_net_device(qmp: QMPClient, qdev_id: str) -> NetDevice:
+    """Locate the virtio-net device *qdev_id* on the root PCI bus."""
+    for bus in await qmp.execute("query-pci"):
+        for dev in bus["devices"]:
+            if dev.get("qdev_id") == qdev_id:
+                address = f"0000:{bus['bus']:02x}:{dev['slot']:02x}.{dev['function']}"
+                return NetDevice(qdev_id, address)
+    raise DeviceNotFound(f"no PCI device with id {qdev_id!r} in QEMU")
+
+
+async def read_rss_state(qmp: QMPClient, device: NetDevice) -> RssState | None:
+    """The device's RSS state now (None while RSS is off); pauses the VM for milliseconds.
+
+    Raises `vnetbackend.qemu.snapshot.SnapshotError` when the saved state cannot be read.
+    """
+    fd, name = tempfile.mkstemp(prefix="vnetbackend-state-", dir=_scratch_dir())
+    os.close(fd)
+    path = Path(name)
+    try:
+        await qmp.execute("xen-save-devices-state", {"filename": str(path), "live": False})
+        async with aiofiles.open(path, "rb") as saved:
+            stream = await saved.read()
+    finally:
+        path.unlink(missing_ok=True)
+    return device_rss_state(stream, device.pci_address)
+
+
+def _scratch_dir() -> str | None:
+    """A memory-backed directory when there is one: the snapshot is on the mirror's path."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
