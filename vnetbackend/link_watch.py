@@ -28,38 +28,55 @@ def _removed_indexes(data: bytes) -> set[int]:
     return removed
 
 
-async def wait_until_removed(name: str) -> None:
-    """Return once the interface *name* is gone (at once if it does not exist now)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
-                       NETLINK_ROUTE) as sock:
-        sock.bind((0, RTMGRP_LINK))
+class RemovalWatch:
+    """Subscribed to link notices from construction on; `wait` returns once *name* is gone.
+
+    An interface that does not exist at construction counts as removed already.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                   NETLINK_ROUTE)
+        self._sock.bind((0, RTMGRP_LINK))
         try:
-            index = socket.if_nametoindex(name)
+            self._index: int | None = socket.if_nametoindex(name)
         except OSError:
+            self._index = None
+
+    def _gone(self) -> bool:
+        """Read the pending notices; whether one of them (or the kernel) says it is gone."""
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return False
+            except OSError:  # ENOBUFS: notices were lost; ask the kernel directly
+                return not _exists(self.name, self._index)
+            if self._index in _removed_indexes(data):
+                return True
+
+    async def wait(self) -> None:
+        if self._index is None or self._gone():
             return
         removed = asyncio.Event()
 
         def on_readable() -> None:
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    return
-                except OSError:  # ENOBUFS: notices were lost; ask the kernel directly
-                    data = b""
-                if index in _removed_indexes(data) or not _exists(name, index):
-                    removed.set()
-                    return
+            if self._gone():
+                removed.set()
 
         loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), on_readable)
+        loop.add_reader(self._sock.fileno(), on_readable)
         try:
             await removed.wait()
         finally:
-            loop.remove_reader(sock.fileno())
+            loop.remove_reader(self._sock.fileno())
+
+    def close(self) -> None:
+        self._sock.close()
 
 
-def _exists(name: str, index: int) -> bool:
+def _exists(name: str, index: int | None) -> bool:
     try:
         return socket.if_nametoindex(name) == index
     except OSError:
