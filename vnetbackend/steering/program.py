@@ -88,12 +88,12 @@ class SteeringProgram:
 
         self._lib = lib
         try:
-            self._bpf = BPF(text=text, cflags=[f"-DREPORT_RING_PAGES={ring_pages}"])
-            self._function = self._bpf.load_func("steer", BPF.SOCKET_FILTER)
+            self._bpf = BPF(text=text.encode(), cflags=[f"-DREPORT_RING_PAGES={ring_pages}"])
+            self._function = self._bpf.load_func(b"steer", BPF.SOCKET_FILTER)
         except Exception as err:  # bcc raises bare Exception for compile/verifier errors
             raise SteeringError(f"loading {source.name}: {err}") from err
         self._cpus = len(get_possible_cpus())
-        self._fds = {name: self._bpf[name].map_fd
+        self._fds = {name: self._bpf[name.encode()].map_fd
                      for name in ("rss_slots", "control", "counters", "reports")}
         self.ring_pages = ring_pages
         self._reader: ReportReader | None = None
@@ -241,7 +241,7 @@ class SteeringProgram:
     def reports(self) -> ReportReader:
         """The reader of this program's report ring buffer (one per program)."""
         if self._reader is None:
-            ring = self._bpf["reports"]
+            ring = self._bpf[b"reports"]
             self._reader = ReportReader(ring.open_ring_buffer, self._bpf.ring_buffer_consume,
                                         self._fds["reports"])
         return self._reader

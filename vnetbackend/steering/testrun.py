@@ -1,8 +1,10 @@
 """BPF_PROG_TEST_RUN through the bpf(2) system call (bcc 0.26 does not wrap it).
 
-For a socket filter the kernel builds an skb from the frame (at least 14 bytes: it pulls
-the Ethernet header as a receive path would), runs the program *repeat* times and gives
-back the last return value and the mean run time in nanoseconds.
+For a socket filter the kernel builds an skb from the frame (pulling the Ethernet header
+as a receive path would), runs the program *repeat* times and gives back the last return
+value and the mean run time in nanoseconds. It refuses frames shorter than an Ethernet
+header, and IPv4/IPv6 frames (by their outer ethertype) too short for the bare IP header:
+those reach the program only through a real device (see `runnable`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import NamedTuple
 
 SYS_BPF = 321  # x86_64
 BPF_PROG_TEST_RUN = 10
-#: The kernel refuses shorter test frames for skb programs.
-MIN_FRAME_LEN = 14
+ETH_HEADER_LEN = 14
+#: Shortest test frame the kernel takes, by outer ethertype (IPv4 and IPv6 headers).
+_MIN_LEN_BY_ETHERTYPE = {0x0800: ETH_HEADER_LEN + 20, 0x86DD: ETH_HEADER_LEN + 40}
 
 _libc = ct.CDLL(None, use_errno=True)
 
@@ -49,10 +52,27 @@ class RunResult(NamedTuple):
     duration_ns: int
 
 
+def min_frame_len(frame: bytes) -> int:
+    """The shortest frame with *frame*'s outer ethertype that the kernel will test-run."""
+    if len(frame) < ETH_HEADER_LEN:
+        return ETH_HEADER_LEN
+    return _MIN_LEN_BY_ETHERTYPE.get(int.from_bytes(frame[12:14], "big"), ETH_HEADER_LEN)
+
+
+def runnable(frame: bytes) -> bool:
+    """Whether BPF_PROG_TEST_RUN accepts *frame* (short IP frames it refuses)."""
+    return len(frame) >= min_frame_len(frame)
+
+
 def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> RunResult:
-    """Run program *prog_fd* on *frame* *repeat* times; OSError if the kernel refuses."""
-    if len(frame) < MIN_FRAME_LEN:
-        raise ValueError(f"test frames need at least {MIN_FRAME_LEN} bytes, got {len(frame)}")
+    """Run program *prog_fd* on *frame* *repeat* times.
+
+    ValueError for a frame the kernel would refuse as too short (see `runnable`),
+    OSError if the kernel refuses anything else.
+    """
+    if not runnable(frame):
+        raise ValueError(f"BPF_PROG_TEST_RUN needs at least {min_frame_len(frame)} bytes for "
+                         f"this frame, got {len(frame)}")
     data = ct.create_string_buffer(bytes(frame), len(frame))
     attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
                         data_in=ct.addressof(data), repeat=repeat)
