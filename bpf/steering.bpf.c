@@ -116,6 +116,51 @@ struct steering_report {
 	u8 dst[16];
 };
 
+/*
+ * The loader passes the Python mirror's layout as LAYOUT_<struct>_<field> (offsets) and
+ * LAYOUT_<struct>_size; a mismatch stops the program from compiling.
+ */
+#define SAME_OFFSET(S, F)                                                     \
+	_Static_assert(__builtin_offsetof(struct S, F) == LAYOUT_##S##_##F,   \
+		       "layout.py disagrees on " #S "." #F)
+#define SAME_SIZE(S)                                                          \
+	_Static_assert(sizeof(struct S) == LAYOUT_##S##_size,                 \
+		       "layout.py disagrees on the size of " #S)
+
+SAME_SIZE(rss_slot);
+SAME_OFFSET(rss_slot, enabled);
+SAME_OFFSET(rss_slot, redirect);
+SAME_OFFSET(rss_slot, hash_types);
+SAME_OFFSET(rss_slot, table_length);
+SAME_OFFSET(rss_slot, unclassified_queue);
+SAME_OFFSET(rss_slot, queues);
+SAME_OFFSET(rss_slot, key_length);
+SAME_OFFSET(rss_slot, key);
+SAME_OFFSET(rss_slot, indirection);
+SAME_OFFSET(rss_slot, toeplitz);
+SAME_SIZE(steering_control);
+SAME_OFFSET(steering_control, active_slot);
+SAME_OFFSET(steering_control, report_every);
+SAME_SIZE(steering_counters);
+SAME_OFFSET(steering_counters, frames);
+SAME_OFFSET(steering_counters, reports);
+SAME_OFFSET(steering_counters, reports_dropped);
+SAME_OFFSET(steering_counters, until_report);
+SAME_SIZE(steering_report);
+SAME_OFFSET(steering_report, hash);
+SAME_OFFSET(steering_report, queue);
+SAME_OFFSET(steering_report, report_type);
+SAME_OFFSET(steering_report, ip_version);
+SAME_OFFSET(steering_report, l4_proto);
+SAME_OFFSET(steering_report, flags);
+SAME_OFFSET(steering_report, l3_offset);
+SAME_OFFSET(steering_report, frame_len);
+SAME_OFFSET(steering_report, l3_len);
+SAME_OFFSET(steering_report, src_port);
+SAME_OFFSET(steering_report, dst_port);
+SAME_OFFSET(steering_report, src);
+SAME_OFFSET(steering_report, dst);
+
 BPF_ARRAY(rss_slots, struct rss_slot, 2);
 BPF_ARRAY(control, struct steering_control, 1);
 BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);

@@ -74,10 +74,21 @@ class SteeringReport(ct.Structure):
     ]
 
 
-#: C struct name -> its mirror, for the layout test.
+#: C struct name -> its mirror.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "rss_slot": RssSlot,
     "steering_control": SteeringControl,
     "steering_counters": SteeringCounters,
     "steering_report": SteeringReport,
 }
+
+
+def layout_defines() -> list[str]:
+    """Compiler flags that hand the mirrors' sizes and offsets to the C static asserts."""
+    flags = []
+    for c_name, mirror in MIRRORS.items():
+        flags.append(f"-DLAYOUT_{c_name}_size={ct.sizeof(mirror)}")
+        for field_name, *_ in mirror._fields_:
+            offset = getattr(mirror, field_name).offset
+            flags.append(f"-DLAYOUT_{c_name}_{field_name}={offset}")
+    return flags

@@ -28,6 +28,7 @@ from vnetbackend.steering.layout import (
     RssSlot,
     SteeringControl,
     SteeringCounters,
+    layout_defines,
 )
 from vnetbackend.steering.reports import ReportReader
 
@@ -88,7 +89,8 @@ class SteeringProgram:
 
         self._lib = lib
         try:
-            self._bpf = BPF(text=text.encode(), cflags=[f"-DREPORT_RING_PAGES={ring_pages}"])
+            self._bpf = BPF(text=text.encode(),
+                            cflags=[f"-DREPORT_RING_PAGES={ring_pages}", *layout_defines()])
             self._function = self._bpf.load_func(b"steer", BPF.SOCKET_FILTER)
         except Exception as err:  # bcc raises bare Exception for compile/verifier errors
             raise SteeringError(f"loading {source.name}: {err}") from err

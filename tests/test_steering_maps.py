@@ -1,0 +1,181 @@
+"""The steering program's maps: configuration in and back out, skews, counters, reports."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.prereq import need_bcc
+from vnetbackend import frames as f
+from vnetbackend.rss import HashReport, HashType, InvalidRssConfig, RssConfig
+from vnetbackend.rss.samples import MICROSOFT_KEY, sample_frames
+from vnetbackend.steering import (
+    MapsInconsistent,
+    SteeringProgram,
+    SteeringState,
+    prog_test_run,
+)
+from vnetbackend.steering.conformance import expected_report, run_frames
+from vnetbackend.steering.layout import MIRRORS
+from vnetbackend.steering.program import SOURCE_PATH
+
+TCP4 = sample_frames()["ipv4_tcp"]
+
+
+def _config(**changes: object) -> RssConfig:
+    fields: dict[str, object] = {
+        "hash_types": HashType(0x1FF), "key": MICROSOFT_KEY,
+        "indirection_table": [i % 4 for i in range(64)], "queues": 4, "unclassified_queue": 2,
+    }
+    fields.update(changes)
+    return RssConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def program() -> Iterator[SteeringProgram]:
+    need_bcc()
+    with SteeringProgram() as loaded:
+        yield loaded
+
+
+def test_every_mirrored_field_is_checked_by_the_c_source() -> None:
+    source = SOURCE_PATH.read_text()
+    for c_name, mirror in MIRRORS.items():
+        assert re.search(rf"^struct {c_name} {{", source, re.M), c_name
+        assert f"SAME_SIZE({c_name});" in source
+        for field_name, *_ in mirror._fields_:
+            assert f"SAME_OFFSET({c_name}, {field_name});" in source, (c_name, field_name)
+
+
+def test_fresh_program_is_disabled(program: SteeringProgram) -> None:
+    program.disable()
+    assert program.read_state() == SteeringState(False, False, None)
+    assert program.read_config() is None
+    assert prog_test_run(program.fd, TCP4).retval == 0
+
+
+def test_apply_and_read_back(program: SteeringProgram) -> None:
+    config = _config(key=bytes(range(7)), unclassified_queue=3)
+    program.apply(config)
+    assert program.read_config() == config
+    assert program.read_state() == SteeringState(True, True, config)
+    program.apply(config, redirect=False)
+    assert program.read_state() == SteeringState(True, False, config)
+    assert prog_test_run(program.fd, TCP4).retval == 3
+
+
+def test_invalid_configuration_is_refused_and_the_previous_stays(
+        program: SteeringProgram) -> None:
+    config = _config()
+    program.apply(config)
+    with pytest.raises(TypeError, match="RssConfig"):
+        program.apply({"hash_types": 1})  # type: ignore[arg-type]
+    with pytest.raises(InvalidRssConfig):
+        program.apply(_config(indirection_table=[0, 1, 2]))
+    assert program.read_config() == config
+    [(retval, report)] = run_frames(program, [TCP4])
+    assert (retval, report) == (config.steer(TCP4).queue, expected_report(
+        program.read_state(), TCP4))
+
+
+def test_a_skewed_indirection_entry_is_seen(program: SteeringProgram) -> None:
+    config = _config()
+    program.apply(config)
+    right = config.steer(TCP4)
+    index = right.hash & 63
+    wrong_queue = (right.queue + 1) % 4
+    program.skew_indirection_entry(index, wrong_queue)
+    assert program.read_config() != config
+    assert program.read_config().indirection_table[index] == wrong_queue  # type: ignore[union-attr]
+    [(retval, report)] = run_frames(program, [TCP4])
+    assert retval == report.queue == wrong_queue != right.queue
+    assert report.hash == right.hash
+
+
+def test_a_skewed_toeplitz_entry_is_seen(program: SteeringProgram) -> None:
+    config = _config()
+    program.apply(config)
+    right = config.steer(TCP4)
+    first_byte = right.hash_input[0]
+    program.skew_toeplitz_entry(0, first_byte, 0xDEADBEEF)
+    with pytest.raises(MapsInconsistent, match=rf"toeplitz\[0\]\[{first_byte}\]"):
+        program.read_config()
+    [(_, report)] = run_frames(program, [TCP4])
+    assert report.report is HashReport.TCPV4
+    assert report.hash != right.hash
+    program.apply(config)
+    assert program.read_config() == config
+
+
+def test_counters_and_sampling(program: SteeringProgram) -> None:
+    program.apply(_config())
+    reader = program.reports()
+    program.set_reports(0)
+    program.reset_counters()
+    reader.drain()
+    prog_test_run(program.fd, TCP4, repeat=30)
+    assert (program.counters().frames, program.counters().reports) == (30, 0)
+    assert reader.drain() == []
+    program.set_reports(7)
+    assert program.report_every == 7
+    program.reset_counters()
+    prog_test_run(program.fd, TCP4, repeat=30)  # one CPU: frames 0, 7, 14, 21, 28
+    counters = program.counters()
+    assert (counters.frames, counters.reports, counters.reports_dropped) == (30, 5, 0)
+    assert len(reader.drain()) == 5
+    with pytest.raises(ValueError):
+        program.set_reports(-1)
+
+
+def test_a_full_ring_counts_dropped_reports() -> None:
+    need_bcc()
+    with SteeringProgram(ring_pages=1) as small:
+        small.apply(_config())
+        small.set_reports(1)
+        reader = small.reports()
+        prog_test_run(small.fd, TCP4, repeat=200)
+        counters = small.counters()
+        assert counters.frames == 200
+        assert counters.reports_dropped > 0
+        assert counters.reports + counters.reports_dropped == 200
+        drained = reader.drain()
+        assert len(drained) == counters.reports
+        assert {r.hash for r in drained} == {_config().steer(TCP4).hash}
+        prog_test_run(small.fd, TCP4, repeat=10)
+        assert len(reader.drain()) == 10
+
+
+def test_ring_pages_must_be_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        SteeringProgram(ring_pages=3)
+
+
+async def test_reports_arrive_in_the_asyncio_loop(program: SteeringProgram) -> None:
+    program.apply(_config())
+    program.set_reports(1)
+    reader = program.reports()
+    reader.drain()
+    frames = [f.frame(f.ipv4("10.0.0.1", "10.0.0.2", f.udp(port, 53))) for port in range(5)]
+    loop = asyncio.get_running_loop()
+
+    def send_all() -> None:
+        for frame in frames:
+            prog_test_run(program.fd, frame)
+
+    async def collect() -> list[int]:
+        ports = []
+        async with asyncio.timeout(5):
+            async for report in reader:
+                ports.append(report.src_port)
+                if len(ports) == len(frames):
+                    return ports
+        raise AssertionError("unreachable")
+
+    waiting = asyncio.create_task(collect())
+    await loop.run_in_executor(None, send_all)
+    assert await waiting == list(range(5))
+    with pytest.raises(TimeoutError):
+        await reader.next(timeout=0.05)
