@@ -46,6 +46,7 @@ class VmSpec:
 
     ``run_dir`` holds the VM's sockets and logs (see `VmPaths`); ``paused`` starts it
     with ``-S`` so that the caller can connect everything before the guest runs.
+    ``cpus`` overrides the machine config's CPU count.
     """
 
     kernel: Path
@@ -57,6 +58,7 @@ class VmSpec:
     rss: bool = True
     hash_report: bool = True
     mq: bool = True
+    cpus: int | None = None
     paused: bool = True
     agent_port: bool = True
     machine_config: Path = MACHINE_CONFIG
@@ -131,6 +133,7 @@ def qemu_command(spec: VmSpec, socket_fds: dict[str, int]) -> list[str]:
     argv = [
         spec.binary, "-readconfig", str(spec.machine_config),
         "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
+        *(["-smp", str(spec.cpus)] if spec.cpus else []),
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append,
         "-chardev", _opts("file", id="console", path=spec.paths.console_log),
         "-serial", "chardev:console",

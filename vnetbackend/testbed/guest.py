@@ -47,9 +47,18 @@ class GuestBootError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class GuestOptions:
-    """What to boot. ``kernel_args`` is appended to the kernel command line."""
+    """What to boot. ``kernel_args`` is appended to the kernel command line.
+
+    ``cpus`` defaults to ``queues``: Linux 6.1's virtio_net starts with one queue pair per
+    CPU and keeps that count as ``max_tx_vq`` in every later RSS command, even after
+    ``ethtool -L`` raised the pairs in use. QEMU takes ``max_tx_vq`` as the number of
+    active pairs, so frames RSS steers to a queue above it arrive on a lower queue.
+    Booting with as many CPUs as queue pairs, and only lowering the count with
+    ``ethtool -L``, keeps QEMU serving every queue the guest's table can name.
+    """
 
     queues: int = 2
+    cpus: int | None = None
     rss: bool = True
     hash_report: bool = True
     kernel_args: str = ""
@@ -151,7 +160,8 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
         append = "console=ttyS0 panic=-1 " + options.kernel_args
         spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
                       run_dir=run_dir, append=append.strip(), rss=options.rss,
-                      hash_report=options.hash_report, extra_args=options.extra_args)
+                      hash_report=options.hash_report, cpus=options.cpus or options.queues,
+                      extra_args=options.extra_args)
         started = time.monotonic()
         qemu = await QemuProcess.start(spec)
         try:

@@ -1,0 +1,107 @@
+"""Which virtio-net features QEMU offers and which the guest driver took, over QMP.
+
+``x-query-virtio`` lists the virtio devices with their QOM paths;
+``x-query-virtio-status {path}`` gives ``host-features`` (offered by the device) and
+``guest-features`` (accepted by the driver), each a list of strings such as
+``"VIRTIO_NET_F_RSS: RSS RX steering supported"`` under ``dev-features`` and
+``transports``, plus the device status bits. A driver that is not loaded yet, or that
+declined a feature, is a state reported here, not an error.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from qemu.qmp import QMPClient
+
+VIRTIO_NET = "virtio-net"
+RSS = "VIRTIO_NET_F_RSS"
+HASH_REPORT = "VIRTIO_NET_F_HASH_REPORT"
+MQ = "VIRTIO_NET_F_MQ"
+CTRL_VQ = "VIRTIO_NET_F_CTRL_VQ"
+FEATURES_OK = "VIRTIO_CONFIG_S_FEATURES_OK"
+DRIVER_OK = "VIRTIO_CONFIG_S_DRIVER_OK"
+
+
+class NoVirtioNetDevice(LookupError):
+    """QEMU has no (or no such) virtio-net device."""
+
+
+class Negotiation(enum.Enum):
+    """Where a feature stands between device and driver."""
+
+    NOT_OFFERED = "not offered by the device"
+    DRIVER_NOT_READY = "the driver has not finished feature negotiation"
+    DECLINED = "offered, but the driver did not take it"
+    NEGOTIATED = "negotiated"
+
+
+def feature_names(descriptions: Iterable[str]) -> frozenset[str]:
+    """``{"VIRTIO_NET_F_RSS", ...}`` from QEMU's ``"NAME: description"`` strings."""
+    return frozenset(text.split(":", 1)[0].strip() for text in descriptions)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioFeatures:
+    """Offered and negotiated feature names (device and transport bits) of one device."""
+
+    path: str
+    offered: frozenset[str]
+    negotiated: frozenset[str]
+    statuses: frozenset[str]
+
+    @property
+    def features_ok(self) -> bool:
+        """Whether the driver completed feature negotiation (the negotiated set is final)."""
+        return FEATURES_OK in self.statuses
+
+    @property
+    def driver_ok(self) -> bool:
+        return DRIVER_OK in self.statuses
+
+    def state(self, feature: str) -> Negotiation:
+        if feature not in self.offered:
+            return Negotiation.NOT_OFFERED
+        if feature in self.negotiated:
+            return Negotiation.NEGOTIATED
+        if not self.features_ok:
+            return Negotiation.DRIVER_NOT_READY
+        return Negotiation.DECLINED
+
+
+async def virtio_net_path(qmp: QMPClient, qdev_id: str | None = None) -> str:
+    """The QOM path of the virtio-net device (of qdev *qdev_id* if QEMU has several)."""
+    devices = [d for d in await qmp.execute("x-query-virtio") if d["name"] == VIRTIO_NET]
+    if qdev_id is not None:
+        wanted = f"/machine/peripheral/{qdev_id}/"
+        devices = [d for d in devices if d["path"].startswith(wanted)]
+    if len(devices) != 1:
+        which = f" with id {qdev_id!r}" if qdev_id else ""
+        found = ", ".join(d["path"] for d in devices) or "none"
+        raise NoVirtioNetDevice(f"expected one virtio-net device{which}, found: {found}")
+    return str(devices[0]["path"])
+
+
+def _names(section: dict[str, object]) -> frozenset[str]:
+    strings: list[str] = []
+    for key in ("dev-features", "transports"):
+        value = section.get(key, [])
+        if isinstance(value, list):
+            strings.extend(str(item) for item in value)
+    return feature_names(strings)
+
+
+async def query_features(qmp: QMPClient, path: str | None = None) -> VirtioFeatures:
+    """The features of the virtio-net device at *path* (found with x-query-virtio if None)."""
+    if path is None:
+        path = await virtio_net_path(qmp)
+    status = await qmp.execute("x-query-virtio-status", {"path": path})
+    statuses = status.get("status", {}).get("statuses", [])
+    return VirtioFeatures(
+        path=path,
+        offered=_names(status.get("host-features", {})),
+        negotiated=_names(status.get("guest-features", {})),
+        statuses=feature_names(statuses),
+    )
