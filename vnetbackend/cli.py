@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from vnetbackend import runner
 from vnetbackend.bench import BENCHMARKS
+from vnetbackend.daemon import Ending
 from vnetbackend.rss import ALL_HASH_TYPES, InvalidRssConfig, RssConfig, parse_hash_types
 from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.runner import MONITOR_SOCKET, RunOptions
 
 
 def _hex_bytes(text: str) -> bytes:
@@ -62,6 +68,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir(args: argparse.Namespace) -> Path:
+    return args.run_dir or Path("/run/vnetbackend") / args.tap
+
+
+def _finish(ending: Ending, reason: str) -> int:
+    if ending is not Ending.REQUESTED:
+        print(f"vnetbackend: {reason}", file=sys.stderr)
+    return ending.value
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    qemu_args = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
+    run_dir = _run_dir(args)
+    options = RunOptions(qemu_args=tuple(qemu_args), tap_name=args.tap, queues=args.queues,
+                         run_dir=run_dir, monitor=args.monitor or run_dir / MONITOR_SOCKET,
+                         mac=args.mac)
+    return _finish(*asyncio.run(runner.run(options)))
+
+
+def _cmd_attach(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args)
+    return _finish(*asyncio.run(runner.attach(
+        args.qmp, args.tap, run_dir, args.monitor or run_dir / MONITOR_SOCKET,
+        args.device_id)))
+
+
+def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str) -> None:
+    parser.add_argument("--tap", required=True, help=tap_help)
+    parser.add_argument("--run-dir", type=Path,
+                        help="sockets and trace log (default: /run/vnetbackend/TAP)")
+    parser.add_argument("--monitor", type=Path,
+                        help="the daemon's QMP monitor socket (default: RUN_DIR/monitor.sock)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vnetbackend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     hash_cmd.add_argument("--unclassified-queue", type=int, default=0)
     hash_cmd.set_defaults(handler=_cmd_hash)
 
+    run = commands.add_parser(
+        "run", help="launch QEMU on a new multi-queue tap and mirror its guest's RSS",
+        description="Everything after -- is passed to QEMU; vnetbackend adds the tap, "
+                    f"the virtio-net device (id {runner.DEVICE_ID}), a QMP monitor and "
+                    "the RSS trace events.")
+    _add_daemon_options(run, "name of the tap to create")
+    run.add_argument("--queues", type=int, default=2, choices=range(1, 9), metavar="1..8",
+                     help="queue pairs (default: %(default)s)")
+    run.add_argument("--mac", help="the guest's MAC address")
+    run.add_argument("qemu_args", nargs=argparse.REMAINDER, help="-- QEMU arguments")
+    run.set_defaults(handler=_cmd_run)
+
+    attach = commands.add_parser(
+        "attach", help="mirror the guest RSS of a running QEMU onto its tap")
+    _add_daemon_options(attach, "the tap QEMU's virtio-net device uses")
+    attach.add_argument("--qmp", type=Path, required=True, help="QEMU's QMP socket")
+    attach.add_argument("--device-id", default=runner.DEVICE_ID,
+                        help="qdev id of the virtio-net device (default: %(default)s)")
+    attach.set_defaults(handler=_cmd_attach)
+
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="benchmark", required=True)
     for name, module_name in BENCHMARKS.items():
@@ -93,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="vnetbackend: %(message)s")
     return int(args.handler(args))
 
 

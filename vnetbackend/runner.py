@@ -1,0 +1,197 @@
+"""Starting the daemon: with a QEMU it launches (`run`) or next to a running one (`attach`).
+
+``run`` creates the multi-queue tap, loads the steering program, opens the tap's queues
+and hands them to QEMU (QEMU then needs neither CAP_NET_ADMIN nor CAP_BPF), adds the
+virtio-net device with RSS and hash reports offered, a QMP monitor on a socket it
+listens on before QEMU starts, and the RSS trace events. QEMU's monitor socket stays in
+the run directory, so a daemon started again later can ``attach`` to the same QEMU.
+
+``attach`` connects to a QEMU's QMP socket, switches its RSS trace events on (or, if
+that fails, follows the control queue instead) and takes over the steering of its tap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import ExecuteError, QMPClient
+
+from vnetbackend import tap
+from vnetbackend.daemon import TRACE_EVENTS, Daemon, Ending
+from vnetbackend.monitor import register_commands, version_info
+from vnetbackend.qemu.device import find_net_device
+from vnetbackend.qemu.launch import QEMU_BINARY
+from vnetbackend.qmp_server import QmpServer
+from vnetbackend.steering.program import SteeringProgram
+
+log = logging.getLogger("vnetbackend.runner")
+
+DEVICE_ID = "vnet0"
+NETDEV_ID = "vnet0-tap"
+QMP_SOCKET = "qemu-qmp.sock"
+MONITOR_SOCKET = "monitor.sock"
+TRACE_LOG = "rss-trace.log"
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What ``vnetbackend run`` needs; *run_dir* holds sockets and the trace log."""
+
+    qemu_args: tuple[str, ...]
+    tap_name: str
+    queues: int
+    run_dir: Path
+    monitor: Path
+    mac: str | None = None
+    qemu_binary: str = QEMU_BINARY
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int,
+              trace_log: Path) -> list[str]:
+    """QEMU's command line: the user's arguments plus the tap, the device, QMP, tracing."""
+    n = options.queues
+    device = [f"virtio-net-pci,id={DEVICE_ID},netdev={NETDEV_ID},mq=on,rss=on,hash=on,"
+              f"vectors={2 * n + 2}"]
+    if options.mac:
+        device[0] += f",mac={options.mac}"
+    return [
+        options.qemu_binary, *options.qemu_args,
+        "-netdev", f"tap,id={NETDEV_ID},fds={':'.join(map(str, queue_fds))},vhost=off",
+        "-device", *device,
+        "-chardev", f"socket,id=vnetbackend-qmp,fd={qmp_fd},server=on,wait=off",
+        "-mon", "chardev=vnetbackend-qmp,mode=control",
+        "-trace", TRACE_EVENTS, "-D", str(trace_log), "-msg", "timestamp=on",
+    ]
+
+
+async def _exit_reason(process: asyncio.subprocess.Process) -> str:
+    status = await process.wait()
+    if status < 0:
+        return f"QEMU was killed by signal {-status}"
+    return f"QEMU exited with status {status}"
+
+
+async def _stop_qemu(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+async def _serve(daemon: Daemon, monitor: QmpServer) -> Ending:
+    register_commands(monitor, daemon)
+    async with monitor:
+        return await daemon.serve()
+
+
+async def run(options: RunOptions) -> tuple[Ending, str]:
+    """Launch QEMU on a new tap and mirror its guest until something ends it."""
+    options.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    trace_log = options.run_dir / TRACE_LOG
+    trace_log.write_bytes(b"")
+    monitor = QmpServer(options.monitor, version_info())
+    await asyncio.to_thread(tap.create_tap, options.tap_name)
+    try:
+        program = await asyncio.to_thread(SteeringProgram)
+        try:
+            return await _run_with(options, program, trace_log, monitor)
+        finally:
+            program.close()
+    finally:
+        await asyncio.to_thread(tap.delete_tap, options.tap_name)
+
+
+async def _run_with(options: RunOptions, program: SteeringProgram, trace_log: Path,
+                    monitor: QmpServer) -> tuple[Ending, str]:
+    queue_fds = [tap.open_queue(options.tap_name) for _ in range(options.queues)]
+    control_fd = tap.open_control_queue(options.tap_name)
+    listener = _listen(options.run_dir / QMP_SOCKET)
+    try:
+        argv = qemu_argv(options, queue_fds, listener.fileno(), trace_log)
+        log.info("starting %s", " ".join(argv))
+        process = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=(*queue_fds, listener.fileno()))
+    except BaseException:
+        os.close(control_fd)
+        raise
+    finally:
+        for fd in queue_fds:
+            os.close(fd)
+        listener.close()
+    qmp = QMPClient("vnetbackend")
+    try:
+        await qmp.connect(str(options.run_dir / QMP_SOCKET))
+        daemon = Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
+                        tap_name=options.tap_name, queues=options.queues, program=program,
+                        control_fd=control_fd, trace_log=trace_log, publish=monitor.emit,
+                        qemu_exited=_exit_reason(process))
+        ending = await _serve(daemon, monitor)
+        return ending, daemon.ending_reason
+    finally:
+        await qmp.disconnect()
+        await _stop_qemu(process)
+
+
+async def _enable_trace(qmp: QMPClient, trace_log: Path) -> bool:
+    """Switch QEMU's RSS trace events to *trace_log*; False if this QEMU cannot."""
+    try:
+        await qmp.execute("trace-event-set-state", {"name": TRACE_EVENTS, "enable": True})
+        reply = await qmp.execute("human-monitor-command",
+                                  {"command-line": f"logfile {trace_log}"})
+    except ExecuteError as err:
+        log.warning("no RSS trace events from QEMU (%s); following the control queue", err)
+        return False
+    if reply:
+        log.warning("QEMU refused the trace log file: %s", str(reply).strip())
+        return False
+    return True
+
+
+async def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
+                 device_id: str = DEVICE_ID) -> tuple[Ending, str]:
+    """Mirror the guest of an already running QEMU until something ends it."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    trace_log = run_dir / TRACE_LOG
+    trace_log.write_bytes(b"")
+    qmp = QMPClient("vnetbackend")
+    await qmp.connect(str(qmp_path))
+    try:
+        device = await find_net_device(qmp, device_id)
+        status = await qmp.execute("x-query-virtio-status", {"path": device.virtio_path})
+        queues = (int(status["num-vqs"]) - 1) // 2
+        program = await asyncio.to_thread(SteeringProgram)
+        try:
+            control_fd = tap.open_control_queue(tap_name)
+            traced = await _enable_trace(qmp, trace_log)
+            monitor = QmpServer(monitor_path, version_info())
+            daemon = Daemon(qmp=qmp, device=device, tap_name=tap_name, queues=queues,
+                            program=program, control_fd=control_fd,
+                            trace_log=trace_log if traced else None, publish=monitor.emit)
+            ending = await _serve(daemon, monitor)
+            return ending, daemon.ending_reason
+        finally:
+            program.close()
+    finally:
+        await qmp.disconnect()
