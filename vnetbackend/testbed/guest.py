@@ -30,6 +30,8 @@ from vnetbackend.testbed.image import GuestImage, find_guest_image
 #: Boot-to-ready under TCG is ~10 s on an idle machine; the test machine is shared.
 DEFAULT_READY_TIMEOUT = 180.0
 CONSOLE_TAIL_LINES = 60
+#: How long a closed agent port may precede QEMU's exit.
+QEMU_EXIT_GRACE = 5.0
 _names = itertools.count()
 
 
@@ -125,14 +127,17 @@ async def _wait_ready(qemu: QemuProcess, agent: GuestAgent, timeout: float) -> N
     try:
         done, _ = await asyncio.wait({ready, exited}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.exception() is not None and exited not in done:
+            # QEMU closes the agent port as it exits: say so rather than "port closed".
+            done |= (await asyncio.wait({exited}, timeout=QEMU_EXIT_GRACE))[0]
     finally:
         for task in (ready, exited):
             task.cancel()
+    if exited in done:
+        raise AgentError(f"QEMU exited with status {qemu.returncode} before the guest was ready")
     if ready in done:
         ready.result()
         return
-    if exited in done:
-        raise AgentError(f"QEMU exited with status {qemu.returncode} before the guest was ready")
     raise AgentError(f"the guest was not ready within {timeout:g} s")
 
 

@@ -1,0 +1,76 @@
+"""The bed cleans up after failures and reports a guest that never gets ready."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.guest.conftest import RssBed, need_guest
+from vnetbackend import tap
+from vnetbackend.testbed.guest import GuestBootError, GuestOptions, boot_guest
+
+pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
+
+
+class Boom(Exception):
+    pass
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_everything_torn_down_when_the_test_body_fails():
+    need_guest()
+    seen = {}
+    with pytest.raises(Boom):
+        async with boot_guest(GuestOptions(queues=2)) as guest:
+            seen.update(pid=guest.qemu.pid, tap=guest.tap_name, fds=list(guest.queue_fds),
+                        run_dir=guest.paths.run_dir)
+            assert tap.tap_exists(guest.tap_name)
+            raise Boom
+    assert guest.qemu.returncode is not None
+    assert _gone(seen["pid"])
+    assert not tap.tap_exists(seen["tap"])
+    assert not seen["run_dir"].exists()
+
+
+async def test_guest_that_never_gets_ready_fails_with_its_console():
+    need_guest()
+    # /bin/cat as init reads the console forever: the kernel boots, the agent never starts.
+    options = GuestOptions(queues=1, kernel_args="rdinit=/bin/cat", ready_timeout=25)
+    with pytest.raises(GuestBootError) as caught:
+        async with boot_guest(options):
+            pytest.fail("the guest reported ready")
+    error = caught.value
+    assert "not ready within 25 s" in error.reason
+    assert "Linux version" in error.console
+    assert "Run /bin/cat as init process" in error.console
+    assert "Run /bin/cat as init process" in str(error)
+
+
+async def test_guest_whose_qemu_exits_fails_at_once():
+    need_guest()
+    # No such init: the kernel panics, panic=-1 reboots and -no-reboot ends QEMU.
+    options = GuestOptions(queues=1, kernel_args="rdinit=/no/such/init", ready_timeout=120)
+    with pytest.raises(GuestBootError) as caught:
+        async with boot_guest(options):
+            pytest.fail("the guest reported ready")
+    assert "QEMU exited" in caught.value.reason
+    assert "Kernel panic" in caught.value.console
+
+
+async def test_agent_returns_output_and_exit_status(rss_bed: RssBed):
+    need_guest()
+    agent = rss_bed.guest.agent
+    result = await agent.run("echo out; echo err >&2; exit 3")
+    assert (result.output, result.status) == ("out\nerr\n", 3)
+    result = await agent.run("printf 'no newline'")
+    assert (result.output, result.status) == ("no newline", 0)
+    release = (await agent.check("uname -r")).strip()
+    assert release == agent.kernel_release

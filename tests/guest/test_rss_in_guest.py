@@ -1,0 +1,101 @@
+"""Every injected frame's queue and hash in the guest equal the reference model's.
+
+No steering program is attached: QEMU computes RSS in userspace, so this checks QEMU
+and Linux against `vnetbackend.rss`, with QEMU's documented departures expected.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+import pytest
+
+from tests.guest.conftest import RSS_GUEST_QUEUES, RssBed, need_guest
+from vnetbackend.rss import ALL_HASH_TYPES, HashType
+from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.testbed.batch import check_batch, report
+from vnetbackend.testbed.check import departed
+from vnetbackend.testbed.departures import DEPARTURES
+from vnetbackend.testbed.ethtool import FLOW_TYPES
+from vnetbackend.testbed.traffic import make_batch
+
+pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
+
+#: The types Linux's virtio_net enables by default (it never enables the _EX types).
+DRIVER_TYPES = ALL_HASH_TYPES & ~(HashType.IP_EX | HashType.TCP_EX | HashType.UDP_EX)
+CHOSEN_KEY = random.Random(7).randbytes(40)
+
+
+@dataclass(frozen=True)
+class GuestCase:
+    name: str
+    key: bytes | None  # None: the key the driver chose at boot
+    equal: int | None = None
+    weights: tuple[int, ...] | None = None
+    flows: tuple[tuple[str, str], ...] = ()  # (flow, "sd") narrowings
+
+
+CASES = [
+    GuestCase("default-key", None, equal=RSS_GUEST_QUEUES),
+    GuestCase("microsoft-key-equal-4", MICROSOFT_KEY, equal=4),
+    GuestCase("chosen-key-equal-2", CHOSEN_KEY, equal=2),
+    GuestCase("equal-3", MICROSOFT_KEY, equal=3),
+    GuestCase("weighted", CHOSEN_KEY, weights=(1, 3, 0, 2)),
+    GuestCase("udp4-tcp6-addresses-only", MICROSOFT_KEY, equal=4,
+              flows=(("udp4", "sd"), ("tcp6", "sd"))),
+    GuestCase("ipv4-addresses-only", CHOSEN_KEY, equal=3,
+              flows=(("tcp4", "sd"), ("udp4", "sd"))),
+]
+
+
+def expected_types(case: GuestCase) -> HashType:
+    mask = DRIVER_TYPES
+    for flow, _ in case.flows:
+        mask &= ~FLOW_TYPES[flow][0]
+    return mask
+
+
+async def apply(bed: RssBed, case: GuestCase) -> None:
+    key = case.key if case.key is not None else bed.boot_config.key
+    await bed.rss.set_rxfh(key, equal=case.equal, weights=case.weights)
+    narrowed = dict(case.flows)
+    for flow in FLOW_TYPES:
+        await bed.rss.set_flow_hash(flow, narrowed.get(flow, "sdfn"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+async def test_guest_hashes_and_queues_match_the_model(rss_bed: RssBed, case: GuestCase):
+    need_guest()
+    await apply(rss_bed, case)
+    config = await rss_bed.rss.read_config()
+
+    # The read-back configuration is the one set (else the comparison below proves little).
+    assert config.key == (case.key or rss_bed.boot_config.key)
+    assert config.hash_types == expected_types(case)
+    used = set(config.indirection_table)
+    if case.equal is not None:
+        assert used == set(range(case.equal))
+    else:
+        assert case.weights is not None
+        assert used == {q for q, w in enumerate(case.weights) if w}
+
+    probes = make_batch(rss_bed.guest.mac, per_class=4, seed=zlib.crc32(case.name.encode()))
+    mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
+    assert not mismatches, report(config, mismatches)
+    # Frames really spread over the table's queues.
+    assert {config.steer(p.frame).queue for p in probes} == used
+
+
+async def test_departures_occur_exactly_as_documented(rss_bed: RssBed):
+    """With every driver hash type on, each documented departure changes some frames."""
+    need_guest()
+    await apply(rss_bed, GuestCase("departures", MICROSOFT_KEY, equal=RSS_GUEST_QUEUES))
+    config = await rss_bed.rss.read_config()
+    classes = ["ipv6_auth_header_tcp", "ipv6_atomic_fragment_udp", "ipv6_long_chain_tcp"]
+    probes = make_batch(rss_bed.guest.mac, per_class=8, seed=11, classes=classes)
+    counts = departed(config, probes)
+    assert set(counts) == {d.name for d in DEPARTURES}
+    mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
+    assert not mismatches, report(config, mismatches)
