@@ -22,7 +22,8 @@ EVENT = "events/net/napi_gro_receive_entry"
 BUFFER_KB = 4096
 
 _FIELDS = ("queue_mapping", "protocol", "hash", "l4_hash", "len")
-_REDUCE = (r"s/.* dev=eth0 .*queue_mapping=\([0-9]*\) .* protocol=\(0x[0-9a-f]*\) "
+#: The guest-side sed program that keeps the five fields of each eth0 event.
+REDUCE_SED = (r"s/.* dev=eth0 .*queue_mapping=\([0-9]*\) .* protocol=\(0x[0-9a-f]*\) "
            r".* hash=\(0x[0-9a-f]*\) l4_hash=\([0-9]*\) len=\([0-9]*\) .*/\1 \2 \3 \4 \5/p")
 _RECORD = re.compile(r"^(\d+) (0x[0-9a-f]+) (0x[0-9a-f]+) (\d+) (\d+)$")
 
@@ -79,7 +80,7 @@ class RxObserver:
     async def collect(self, clear: bool = True) -> list[RxRecord]:
         """Everything received since the last clear; then clear (unless told not to)."""
         then_clear = f" && echo > {TRACEFS}/trace" if clear else ""
-        output = await self.agent.check(f"sed -n '{_REDUCE}' {TRACEFS}/trace{then_clear}")
+        output = await self.agent.check(f"sed -n '{REDUCE_SED}' {TRACEFS}/trace{then_clear}")
         return parse_records(output)
 
     async def stop(self) -> None:
