@@ -6,4 +6,5 @@ Each benchmark is a module here with ``add_arguments(parser)`` and
 
 BENCHMARKS = {
     "reference": "vnetbackend.bench.reference",
+    "guest": "vnetbackend.bench.guest",
 }
