@@ -83,7 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     options = RunOptions(qemu_args=tuple(qemu_args), tap_name=args.tap, queues=args.queues,
                          run_dir=run_dir, monitor=args.monitor or run_dir / MONITOR_SOCKET,
-                         mac=args.mac)
+                         mac=args.mac, pass_fds=tuple(args.pass_fd))
     return _finish(*asyncio.run(runner.run(options)))
 
 
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--queues", type=int, default=2, choices=range(1, 9), metavar="1..8",
                      help="queue pairs (default: %(default)s)")
     run.add_argument("--mac", help="the guest's MAC address")
+    run.add_argument("--pass-fd", type=int, action="append", default=[], metavar="FD",
+                     help="an open fd QEMU inherits (for -chardev ...,fd=FD); repeatable")
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, help="-- QEMU arguments")
     run.set_defaults(handler=_cmd_run)
 

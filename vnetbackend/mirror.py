@@ -7,8 +7,9 @@ hash reports, so the program is attached again after every snapshot. The snapsho
 under QEMU's big lock, after the guest's control command (and QEMU's detach) completed,
 so attaching after it cannot be undone by that same commit.
 
-What cannot be read or validated keeps the previous configuration in force and is
-published as an event; nothing is guessed.
+While the device's RSS is off the program is switched off and detached, so the tap
+steers as it does without RSS. What cannot be read or validated keeps the previous
+configuration in force and is published as an event; nothing is guessed.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Mirror:
             return
         try:
             if config is None:
+                self._program.disable()
                 self._program.detach(self._control_fd)
             else:
                 self._program.apply(config, redirect=state.redirect)

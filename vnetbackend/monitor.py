@@ -1,8 +1,9 @@
 """The daemon's commands on its own QMP monitor.
 
 =================  ==========================================================
-``query-vnet``     offered and negotiated features, the mirrored RSS
-                   configuration, attach state, counters
+``query-vnet``     offered and negotiated features, the guest's RSS configuration
+                   as last read, the one the program's maps hold, attach
+                   state, counters
 ``vnet-set-reports``  ``{enable: bool, every?: int}``: per-packet reports on/off,
                    one frame in ``every``
 ``quit``           shut the daemon down cleanly
@@ -48,6 +49,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
         },
         "steering": {
             "attached": mirror.attached,
+            "rss": describe(daemon.program.read_config()),
             "report-every": daemon.program.report_every,
             "frames": counters.frames,
             "reports": counters.reports,

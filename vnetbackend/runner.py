@@ -17,9 +17,10 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -42,7 +43,10 @@ TRACE_LOG = "rss-trace.log"
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    """What ``vnetbackend run`` needs; *run_dir* holds sockets and the trace log."""
+    """What ``vnetbackend run`` needs; *run_dir* holds sockets and the trace log.
+
+    *pass_fds* are open fds QEMU inherits, for arguments such as ``-chardev socket,fd=N``.
+    """
 
     qemu_args: tuple[str, ...]
     tap_name: str
@@ -50,6 +54,7 @@ class RunOptions:
     run_dir: Path
     monitor: Path
     mac: str | None = None
+    pass_fds: tuple[int, ...] = ()
     qemu_binary: str = QEMU_BINARY
 
 
@@ -100,14 +105,33 @@ async def _stop_qemu(process: asyncio.subprocess.Process, grace: float = 10.0) -
         await process.wait()
 
 
-async def _serve(daemon: Daemon, monitor: QmpServer) -> Ending:
+@contextlib.asynccontextmanager
+async def _monitored(daemon: Daemon, monitor: QmpServer) -> AsyncIterator[Daemon]:
     register_commands(monitor, daemon)
     async with monitor:
-        return await daemon.serve()
+        yield daemon
 
 
-async def run(options: RunOptions) -> tuple[Ending, str]:
+async def _serve(daemons: contextlib.AbstractAsyncContextManager[Daemon]) -> tuple[Ending, str]:
+    async with daemons as daemon:
+        ending = await daemon.serve()
+        return ending, daemon.ending_reason
+
+
+def run(options: RunOptions) -> Awaitable[tuple[Ending, str]]:
     """Launch QEMU on a new tap and mirror its guest until something ends it."""
+    return _serve(launched(options))
+
+
+def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
+           device_id: str = DEVICE_ID) -> Awaitable[tuple[Ending, str]]:
+    """Mirror the guest of an already running QEMU until something ends it."""
+    return _serve(attached(qmp_path, tap_name, run_dir, monitor_path, device_id))
+
+
+@contextlib.asynccontextmanager
+async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
+    """A daemon with its own tap and QEMU, its monitor listening; `Daemon.serve` it."""
     options.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     trace_log = options.run_dir / TRACE_LOG
     trace_log.write_bytes(b"")
@@ -116,15 +140,19 @@ async def run(options: RunOptions) -> tuple[Ending, str]:
     try:
         program = await asyncio.to_thread(SteeringProgram)
         try:
-            return await _run_with(options, program, trace_log, monitor)
+            async with (_launched_with(options, program, trace_log, monitor.emit) as daemon,
+                        _monitored(daemon, monitor)):
+                yield daemon
         finally:
             program.close()
     finally:
         await asyncio.to_thread(tap.delete_tap, options.tap_name)
 
 
-async def _run_with(options: RunOptions, program: SteeringProgram, trace_log: Path,
-                    monitor: QmpServer) -> tuple[Ending, str]:
+@contextlib.asynccontextmanager
+async def _launched_with(options: RunOptions, program: SteeringProgram, trace_log: Path,
+                         publish: Callable[[str, dict[str, Any]], None],
+                         ) -> AsyncIterator[Daemon]:
     queue_fds = [tap.open_queue(options.tap_name) for _ in range(options.queues)]
     control_fd = tap.open_control_queue(options.tap_name)
     listener = _listen(options.run_dir / QMP_SOCKET)
@@ -132,7 +160,7 @@ async def _run_with(options: RunOptions, program: SteeringProgram, trace_log: Pa
         argv = qemu_argv(options, queue_fds, listener.fileno(), trace_log)
         log.info("starting %s", " ".join(argv))
         process = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=(*queue_fds, listener.fileno()))
+            *argv, pass_fds=(*queue_fds, listener.fileno(), *options.pass_fds))
     except BaseException:
         os.close(control_fd)
         raise
@@ -143,12 +171,10 @@ async def _run_with(options: RunOptions, program: SteeringProgram, trace_log: Pa
     qmp = QMPClient("vnetbackend")
     try:
         await qmp.connect(str(options.run_dir / QMP_SOCKET))
-        daemon = Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
-                        tap_name=options.tap_name, queues=options.queues, program=program,
-                        control_fd=control_fd, trace_log=trace_log, publish=monitor.emit,
-                        qemu_exited=_exit_reason(process))
-        ending = await _serve(daemon, monitor)
-        return ending, daemon.ending_reason
+        yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
+                     tap_name=options.tap_name, queues=options.queues, program=program,
+                     control_fd=control_fd, trace_log=trace_log, publish=publish,
+                     qemu_exited=_exit_reason(process))
     finally:
         await qmp.disconnect()
         await _stop_qemu(process)
@@ -169,9 +195,10 @@ async def _enable_trace(qmp: QMPClient, trace_log: Path) -> bool:
     return True
 
 
-async def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
-                 device_id: str = DEVICE_ID) -> tuple[Ending, str]:
-    """Mirror the guest of an already running QEMU until something ends it."""
+@contextlib.asynccontextmanager
+async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
+                   device_id: str = DEVICE_ID) -> AsyncIterator[Daemon]:
+    """A daemon next to the QEMU at *qmp_path*, its monitor listening; `Daemon.serve` it."""
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     trace_log = run_dir / TRACE_LOG
     trace_log.write_bytes(b"")
@@ -189,8 +216,8 @@ async def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Pat
             daemon = Daemon(qmp=qmp, device=device, tap_name=tap_name, queues=queues,
                             program=program, control_fd=control_fd,
                             trace_log=trace_log if traced else None, publish=monitor.emit)
-            ending = await _serve(daemon, monitor)
-            return ending, daemon.ending_reason
+            async with _monitored(daemon, monitor):
+                yield daemon
         finally:
             program.close()
     finally:
