@@ -36,8 +36,12 @@ async def test_rss_and_hash_report_negotiated(rss_bed: RssBed):
 
 async def test_rss_and_hash_report_absent_when_switched_off():
     need_guest()
-    async with boot_guest(GuestOptions(queues=2, rss=False, hash_report=False)) as guest:
+    # Eight queue pairs on two vCPUs: also shows the device takes the largest queue count.
+    options = GuestOptions(queues=8, cpus=2, rss=False, hash_report=False)
+    async with boot_guest(options) as guest:
         features = await query_features(guest.control)
+        status = await guest.control.execute("x-query-virtio-status", {"path": features.path})
+    assert status["num-vqs"] == 2 * 8 + 1
     assert features.driver_ok
     assert {MQ, CTRL_VQ} <= features.negotiated
     assert RSS not in features.offered | features.negotiated

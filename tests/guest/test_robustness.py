@@ -29,10 +29,12 @@ async def test_everything_torn_down_when_the_test_body_fails():
     need_guest()
     seen = {}
     with pytest.raises(Boom):
-        async with boot_guest(GuestOptions(queues=2)) as guest:
+        async with boot_guest(GuestOptions(queues=1)) as guest:
             seen.update(pid=guest.qemu.pid, tap=guest.tap_name, fds=list(guest.queue_fds),
                         run_dir=guest.paths.run_dir)
             assert tap.tap_exists(guest.tap_name)
+            flags = await guest.agent.check("cat /sys/class/net/eth0/flags")
+            assert int(flags, 16) & 0x1  # IFF_UP
             raise Boom
     assert guest.qemu.returncode is not None
     assert _gone(seen["pid"])
