@@ -4,7 +4,8 @@ Every frame of a batch gets a distinct L3 length (its payload is padded to it), 
 guest's record of it is found by (length, ethertype). Frame classes cover what RSS
 distinguishes: IPv4/IPv6 with TCP, UDP or another protocol, IPv4 options, fragments
 (first and later), IPv6 extension headers (hop-by-hop, destination options with the
-home address option, type 2 routing, authentication header), VLAN and QinQ tags, and
+home address option, type 2 routing, authentication header, a chain longer than the
+walk's limit, atomic fragments), VLAN tags (802.1Q, 802.1ad, QinQ, three tags) and
 non-IP. Addresses and ports are drawn from a seeded generator so that hashes spread.
 """
 
@@ -173,6 +174,18 @@ def _qinq_ipv6_udp(rng: random.Random, payload: bytes, mac: bytes) -> bytes:
                    vlans=[(0x88A8, rng.randrange(1, 4095)), (0x8100, rng.randrange(1, 4095))])
 
 
+def _svlan_ipv4_udp(rng: random.Random, payload: bytes, mac: bytes) -> bytes:
+    return f.frame(f.ipv4(*_v4(rng), f.udp(_port(rng), _port(rng), payload)), dst=mac,
+                   vlans=[(0x88A8, rng.randrange(1, 4095))])
+
+
+def _triple_vlan_ipv4_tcp(rng: random.Random, payload: bytes, mac: bytes) -> bytes:
+    """Three tags: one more than the specification's reading skips (MAX_VLAN_TAGS)."""
+    return f.frame(f.ipv4(*_v4(rng), f.tcp(_port(rng), _port(rng), payload)), dst=mac,
+                   vlans=[(0x88A8, rng.randrange(1, 4095)), (0x8100, rng.randrange(1, 4095)),
+                          (0x8100, rng.randrange(1, 4095))])
+
+
 def _arp(rng: random.Random, payload: bytes, mac: bytes) -> bytes:
     body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, f.HOST_MAC, rng.randbytes(4),
                        bytes(6), rng.randbytes(4))
@@ -199,6 +212,8 @@ FRAME_CLASSES: dict[str, Builder] = {
     "ipv6_atomic_fragment_udp": _ipv6_atomic_fragment_udp,
     "vlan_ipv4_tcp": _vlan_ipv4_tcp,
     "qinq_ipv6_udp": _qinq_ipv6_udp,
+    "svlan_ipv4_udp": _svlan_ipv4_udp,
+    "triple_vlan_ipv4_tcp": _triple_vlan_ipv4_tcp,
     "arp": _arp,
 }
 
