@@ -258,7 +258,7 @@ def test_edge_cases_conform(program: SteeringProgram, name: str, state: Steering
     _assert_conforms(program, state, [(case, frame) for case, frame, _ in EDGE_CASES])
 
 
-_TRUNCATED_BASES = {
+TRUNCATED_BASES = {
     "tcp4_vlan_options": f.frame(f.ipv4("10.9.8.7", "10.6.5.4", f.tcp(1234, 80),
                                         options=bytes([1] * 8)),
                                  vlans=[(0x88A8, 3), (0x8100, 4)]),
@@ -268,12 +268,12 @@ _TRUNCATED_BASES = {
 }
 
 
-@pytest.mark.parametrize("base", list(_TRUNCATED_BASES))
+@pytest.mark.parametrize("base", list(TRUNCATED_BASES))
 @pytest.mark.parametrize(("name", "state"), [STATES[0], STATES[-2]],
                          ids=[STATES[0][0], STATES[-2][0]])
 def test_every_truncation_conforms(program: SteeringProgram, base: str, name: str,
                                    state: SteeringState) -> None:
-    frame = _TRUNCATED_BASES[base]
+    frame = TRUNCATED_BASES[base]
     cases = [(f"{base}[:{n}]", frame[:n]) for n in range(14, len(frame) + 1)]
     _assert_conforms(program, state, cases)
 
