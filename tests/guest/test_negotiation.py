@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+
 import pytest
 from qemu.qmp import QMPClient
 
 from tests.guest.conftest import RssBed, need_guest
+from vnetbackend import tap
 from vnetbackend.qemu.features import (
     CTRL_VQ,
     HASH_REPORT,
@@ -14,7 +19,9 @@ from vnetbackend.qemu.features import (
     Negotiation,
     query_features,
 )
-from vnetbackend.testbed.guest import GuestOptions, boot_guest
+from vnetbackend.qemu.launch import QemuProcess, VmSpec
+from vnetbackend.testbed.guest import GuestOptions, boot_guest, unique_tap_name
+from vnetbackend.testbed.image import find_guest_image
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
 
@@ -47,3 +54,33 @@ async def test_rss_and_hash_report_absent_when_switched_off():
     assert RSS not in features.offered | features.negotiated
     assert HASH_REPORT not in features.offered | features.negotiated
     assert features.state(RSS) is Negotiation.NOT_OFFERED
+
+
+async def test_driver_not_ready_is_a_state(tmp_path: Path):
+    """Before the guest runs, RSS is offered and negotiation is simply not done yet."""
+    need_guest()
+    image = find_guest_image()
+    assert image is not None
+    name = unique_tap_name()
+    await asyncio.to_thread(tap.create_tap, name)
+    fd = await asyncio.to_thread(tap.open_queue, name)
+    qemu = None
+    try:
+        spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=(fd,),
+                      run_dir=tmp_path, paused=True, agent_port=False)
+        qemu = await QemuProcess.start(spec)
+        qmp = QMPClient("paused-vm")
+        await qmp.connect(str(spec.paths.qmp_socket))
+        try:
+            features = await query_features(qmp)
+        finally:
+            await qmp.disconnect()
+    finally:
+        if qemu is not None:
+            await qemu.stop()
+        os.close(fd)
+        await asyncio.to_thread(tap.delete_tap, name)
+    assert {RSS, HASH_REPORT} <= features.offered
+    assert not features.negotiated
+    assert not features.features_ok
+    assert features.state(RSS) is Negotiation.DRIVER_NOT_READY

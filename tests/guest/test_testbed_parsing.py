@@ -185,6 +185,11 @@ def test_spec_check_names_the_bad_field(tmp_path: Path):
         _spec(tmp_path, (read_fd,) * 9).check()
     with pytest.raises(LaunchError, match="mac"):
         _spec(tmp_path, (read_fd,), mac="52:54:00:XX:00:01").check()
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    with pytest.raises(LaunchError, match="too long for unix socket"):
+        VmSpec(kernel=tmp_path / "vmlinuz", initrd=tmp_path / "vmlinuz", tap_fds=(read_fd,),
+               run_dir=deep).check()
     os.close(read_fd)
 
 

@@ -32,6 +32,7 @@ GUEST_MAC = "52:54:00:56:4e:01"
 NET_DEVICE_ID = "vnet0"
 NETDEV_ID = "tap0"
 SUPPORTED_QUEUES = range(1, 9)
+UNIX_PATH_MAX = 108
 
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
@@ -91,6 +92,12 @@ class VmSpec:
                 raise LaunchError(f"{name}: {path} does not exist (scripts/build-guest?)")
         if not self.run_dir.is_dir():
             raise LaunchError(f"run_dir: {self.run_dir} is not a directory")
+        longest = max(len(os.fsencode(p)) for p in (self.paths.qmp_socket,
+                                                    self.paths.control_socket,
+                                                    self.paths.agent_socket))
+        if longest >= UNIX_PATH_MAX:
+            raise LaunchError(f"run_dir: {self.run_dir} is too long for unix socket paths "
+                              f"(they must stay below {UNIX_PATH_MAX} bytes)")
 
 
 @dataclass(frozen=True, slots=True)
