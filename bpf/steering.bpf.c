@@ -434,6 +434,99 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 	cnt->reports++;
 }
 
+/* Up to two VLAN tags, then IPv4 or IPv6: the general parser, any frame. */
+static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, struct parsed *p)
+{
+	u32 off = ETH_HEADER_LEN;
+	u16 ethertype;
+	u8 l2[2];
+
+	if (bpf_skb_load_bytes_relative(skb, 12, l2, 2, BPF_HDR_START_MAC) < 0)
+		return;
+	ethertype = (l2[0] << 8) | l2[1];
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+		u8 tag[4];
+
+		if (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
+			break;
+		if (read_at(skb, base, off, tag, 4) < 0)
+			return;
+		ethertype = (tag[2] << 8) | tag[3];
+		off += 4;
+	}
+	if (ethertype == ETH_P_IPV4)
+		parse_ipv4(skb, base, p, off);
+	else if (ethertype == ETH_P_IPV6)
+		parse_ipv6(skb, base, p, off);
+}
+
+/*
+ * The common frames in one read: untagged IPv4 without options and IPv6 without
+ * extension headers, with whatever transport. The bytes from the ethertype to the end
+ * of the ports (or of the frame, if shorter) are read relative to the MAC header in one
+ * call. Returns 0 (having changed nothing) for every other frame, for short ones, or when
+ * those bytes are not linear in the skb; parse_frame then reads the frame piece by piece,
+ * to the same result.
+ */
+#define WINDOW_V4 (2 + 20 + 4)
+#define WINDOW_V6 (2 + 40 + 4)
+
+static __always_inline int parse_common(struct __sk_buff *skb, struct parsed *p)
+{
+	u8 w[WINDOW_V6];
+	u16 ethertype;
+	u8 proto;
+	int full;
+
+	if (p->frame_len >= 12 + WINDOW_V6) {
+		if (bpf_skb_load_bytes_relative(skb, 12, w, WINDOW_V6, BPF_HDR_START_MAC) < 0)
+			return 0;
+		full = 1;
+	} else if (p->frame_len >= 12 + WINDOW_V4) {
+		if (bpf_skb_load_bytes_relative(skb, 12, w, WINDOW_V4, BPF_HDR_START_MAC) < 0)
+			return 0;
+		full = 0;
+	} else {
+		return 0;
+	}
+	ethertype = (w[0] << 8) | w[1];
+	if (ethertype != ETH_P_IPV4 && ethertype != ETH_P_IPV6 && ethertype != ETH_P_8021Q &&
+	    ethertype != ETH_P_8021AD)
+		return 1; /* not IP: nothing to hash */
+	if (ethertype == ETH_P_IPV4 && w[2] == 0x45) {
+		p->ip_version = 4;
+		p->l3_offset = ETH_HEADER_LEN;
+		__builtin_memcpy(p->src, &w[2 + 12], 4);
+		__builtin_memcpy(p->dst, &w[2 + 16], 4);
+		if (((w[2 + 6] << 8) | w[2 + 7]) & 0x3FFF) {
+			p->fragment = 1;
+			return 1;
+		}
+		proto = w[2 + 9];
+		if ((proto == PROTO_TCP && p->frame_len >= ETH_HEADER_LEN + 20 + 20) ||
+		    (proto == PROTO_UDP && p->frame_len >= ETH_HEADER_LEN + 20 + 8)) {
+			__builtin_memcpy(p->ports, &w[2 + 20], 4);
+			p->l4_proto = proto;
+		}
+		return 1;
+	}
+	if (full && ethertype == ETH_P_IPV6 && (w[2] >> 4) == 6 && !is_ext_header(w[2 + 6])) {
+		p->ip_version = 6;
+		p->l3_offset = ETH_HEADER_LEN;
+		__builtin_memcpy(p->src, &w[2 + 8], 16);
+		__builtin_memcpy(p->dst, &w[2 + 24], 16);
+		proto = w[2 + 6];
+		if ((proto == PROTO_TCP && p->frame_len >= ETH_HEADER_LEN + 40 + 20) ||
+		    (proto == PROTO_UDP && p->frame_len >= ETH_HEADER_LEN + 40 + 8)) {
+			__builtin_memcpy(p->ports, &w[2 + 40], 4);
+			p->l4_proto = proto;
+		}
+		return 1;
+	}
+	return 0;
+}
+
 int steer(struct __sk_buff *skb)
 {
 	u32 zero = 0;
@@ -443,9 +536,7 @@ int steer(struct __sk_buff *skb)
 	struct parsed p;
 	struct selection sel = {};
 	u32 slot, base, types, queue;
-	u8 probe, l2[2];
-	u16 ethertype;
-	u32 off = ETH_HEADER_LEN;
+	u8 probe;
 
 	if (!ctl || !cnt)
 		return 0;
@@ -460,27 +551,8 @@ int steer(struct __sk_buff *skb)
 	base = bpf_skb_load_bytes_relative(skb, skb->len, &probe, 1, BPF_HDR_START_MAC) == 0
 		       ? ETH_HEADER_LEN : 0;
 	p.frame_len = skb->len + base;
-
-	if (bpf_skb_load_bytes_relative(skb, 12, l2, 2, BPF_HDR_START_MAC) == 0) {
-		ethertype = (l2[0] << 8) | l2[1];
-#pragma unroll
-		for (int i = 0; i < MAX_VLAN_TAGS; i++) {
-			u8 tag[4];
-
-			if (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
-				break;
-			if (read_at(skb, base, off, tag, 4) < 0) {
-				ethertype = 0;
-				break;
-			}
-			ethertype = (tag[2] << 8) | tag[3];
-			off += 4;
-		}
-		if (ethertype == ETH_P_IPV4)
-			parse_ipv4(skb, base, &p, off);
-		else if (ethertype == ETH_P_IPV6)
-			parse_ipv6(skb, base, &p, off);
-	}
+	if (!parse_common(skb, &p))
+		parse_frame(skb, base, &p);
 
 	types = s->enabled ? s->hash_types : 0;
 	if (p.ip_version == 4)

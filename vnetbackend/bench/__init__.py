@@ -6,5 +6,6 @@ Each benchmark is a module here with ``add_arguments(parser)`` and
 
 BENCHMARKS = {
     "reference": "vnetbackend.bench.reference",
+    "steering": "vnetbackend.bench.steering",
     "guest": "vnetbackend.bench.guest",
 }

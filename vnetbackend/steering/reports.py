@@ -87,10 +87,15 @@ class ReportReader:
         self._consume = consume
         self._ring_fd = ring_fd
         self._ready: collections.deque[Report] = collections.deque()
+        self._discarding = False
+        self._discarded = 0
         self.malformed = 0
         open_ring(self._on_record)
 
     def _on_record(self, _ctx: Any, data: int, size: int) -> int:
+        if self._discarding:
+            self._discarded += 1
+            return 0
         if size < _RECORD_SIZE:
             self.malformed += 1
             return 0
@@ -104,6 +109,15 @@ class ReportReader:
         reports = list(self._ready)
         self._ready.clear()
         return reports
+
+    def discard(self) -> int:
+        """Empty the ring without decoding (for benchmarks); returns how many records."""
+        self._discarding, self._discarded = True, 0
+        try:
+            self._consume()
+        finally:
+            self._discarding = False
+        return self._discarded + len(self.drain())
 
     async def next(self, timeout: float | None = None) -> Report:
         """The next report; waits on the ring buffer fd (TimeoutError after *timeout* s)."""

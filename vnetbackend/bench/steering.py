@@ -1,0 +1,135 @@
+"""Cost of the steering program per frame under BPF_PROG_TEST_RUN, beside an empty program.
+
+Each figure is the median, over --rounds rounds, of the mean run time per frame over
+--repeat runs of one frame, as the kernel measures it.
+
+* ``ns``: reports off.
+* ``ns_reports``: a report for every frame into the program's default ring buffer, which
+  is emptied every `chunk` runs, the way a consumer that keeps up sees it: every report
+  is really written, none dropped.
+* ``ns_reports_unread``: a report for every frame, all --repeat runs at once into a ring
+  large enough to hold them, with nobody reading (the ring's memory is cold).
+
+``reports_dropped`` counts reservations that failed anyway (0 means all were timed writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+from collections.abc import Callable
+
+from vnetbackend.rss import ALL_HASH_TYPES, RssConfig
+from vnetbackend.rss.samples import MICROSOFT_KEY, sample_frames
+from vnetbackend.steering import SteeringProgram, prog_test_run
+from vnetbackend.steering.layout import SteeringReport
+from vnetbackend.steering.program import DEFAULT_RING_PAGES
+
+EMPTY_PROGRAM = b"int empty(struct __sk_buff *skb) { return 0; }"
+PAGE_SIZE = 4096
+RING_RECORD_HEADER = 8
+RECORD_BYTES = RING_RECORD_HEADER + (-(-ctypes.sizeof(SteeringReport) // 8) * 8)
+#: Targets for IPv4/TCP, as multiples of the empty program.
+TARGET_RATIO = 4.0
+TARGET_RATIO_REPORTS = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=int, default=100_000,
+                        help="runs per timing (default: %(default)s, at least 100000)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timings per figure; the median is reported (default: %(default)s)")
+
+
+def _pages_for(records: int) -> int:
+    """Ring pages (a power of two) for *records* reports and a page of slack."""
+    pages = 1
+    while pages * PAGE_SIZE < records * RECORD_BYTES + PAGE_SIZE:
+        pages *= 2
+    return pages
+
+
+def _median(rounds: int, timing: Callable[[], float]) -> float:
+    return round(statistics.median(timing() for _ in range(rounds)), 1)
+
+
+class _Timer:
+    def __init__(self, repeat: int) -> None:
+        self.repeat = repeat
+
+    def plain(self, fd: int, frame: bytes) -> float:
+        return float(prog_test_run(fd, frame, self.repeat).duration_ns)
+
+    def drained(self, program: SteeringProgram, frame: bytes, chunk: int) -> float:
+        """Mean over `repeat` runs made in chunks, the ring emptied after each chunk."""
+        reader = program.reports()
+        total, done = 0, 0
+        while done < self.repeat:
+            runs = min(chunk, self.repeat - done)
+            total += prog_test_run(program.fd, frame, runs).duration_ns * runs
+            reader.discard()
+            done += runs
+        return total / self.repeat
+
+    def unread(self, program: SteeringProgram, frame: bytes) -> float:
+        duration = self.plain(program.fd, frame)
+        program.reports().discard()
+        return duration
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    if args.repeat < 100_000:
+        raise SystemExit("vnetbackend bench steering: --repeat must be at least 100000")
+    from bcc import BPF
+
+    frames = sample_frames()
+    config = RssConfig(hash_types=ALL_HASH_TYPES, key=MICROSOFT_KEY,
+                       indirection_table=range(128), queues=128)
+    timer = _Timer(args.repeat)
+    chunk = DEFAULT_RING_PAGES * PAGE_SIZE // RECORD_BYTES // 2
+    empty = BPF(text=EMPTY_PROGRAM)
+    empty_fd = empty.load_func(b"empty", BPF.SOCKET_FILTER).fd
+    cases: dict[str, dict[str, float]] = {}
+    written = dropped = 0
+    with SteeringProgram() as program, \
+            SteeringProgram(ring_pages=_pages_for(args.repeat)) as big_ring:
+        for loaded in (program, big_ring):
+            loaded.apply(config)
+            loaded.reset_counters()
+        empty_ns = _median(args.rounds, lambda: timer.plain(empty_fd, frames["ipv4_tcp"]))
+        for name, frame in frames.items():
+            program.set_reports(0)
+            plain = _median(args.rounds, lambda frame=frame: timer.plain(program.fd, frame))
+            program.set_reports(1)
+            drained = _median(args.rounds,
+                              lambda frame=frame: timer.drained(program, frame, chunk))
+            big_ring.set_reports(1)
+            unread = _median(args.rounds, lambda frame=frame: timer.unread(big_ring, frame))
+            cases[name] = {
+                "ns": plain, "ns_reports": drained, "ns_reports_unread": unread,
+                "ratio": round(plain / empty_ns, 2),
+                "ratio_reports": round(drained / empty_ns, 2),
+                "ratio_reports_unread": round(unread / empty_ns, 2),
+            }
+        for loaded in (program, big_ring):
+            written += loaded.counters().reports
+            dropped += loaded.counters().reports_dropped
+    empty.cleanup()
+    tcp = cases["ipv4_tcp"]
+    return {
+        "benchmark": "steering",
+        "empty_ns": empty_ns,
+        "cases": cases,
+        "repeat": args.repeat,
+        "rounds": args.rounds,
+        "ring_pages": DEFAULT_RING_PAGES,
+        "drain_every": chunk,
+        "unread_ring_pages": _pages_for(args.repeat),
+        "reports_written": written,
+        "reports_dropped": dropped,
+        "targets": {"ipv4_tcp_ratio": TARGET_RATIO,
+                    "ipv4_tcp_ratio_reports": TARGET_RATIO_REPORTS},
+        "targets_met": (tcp["ratio"] <= TARGET_RATIO
+                        and tcp["ratio_reports"] <= TARGET_RATIO_REPORTS),
+    }
