@@ -183,6 +183,10 @@ struct parsed {
 	u8 routed[16];          /* ex_dst when has_routed */
 };
 
+/* Only the fields before the addresses are zeroed per frame; addresses are read only
+ * once ip_version, has_home or has_routed says they were written. */
+#define PARSED_ZEROED __builtin_offsetof(struct parsed, src)
+
 /*
  * Reading the frame. A tun steering program sees the skb from the Ethernet header on;
  * BPF_PROG_TEST_RUN hands a socket filter the skb with the Ethernet header already
@@ -434,8 +438,12 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 	cnt->reports++;
 }
 
-/* Up to two VLAN tags, then IPv4 or IPv6: the general parser, any frame. */
-static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, struct parsed *p)
+/*
+ * Up to two VLAN tags, then IPv4 or IPv6: the general parser, any frame. `oob_tags` (0 or
+ * 1) is a tag the skb carries out of band; it counts against the two.
+ */
+static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob_tags,
+					struct parsed *p)
 {
 	u32 off = ETH_HEADER_LEN;
 	u16 ethertype;
@@ -450,6 +458,8 @@ static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, struct 
 
 		if (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
 			break;
+		if (i + oob_tags >= MAX_VLAN_TAGS)
+			return;
 		if (read_at(skb, base, off, tag, 4) < 0)
 			return;
 		ethertype = (tag[2] << 8) | tag[3];
@@ -535,7 +545,7 @@ int steer(struct __sk_buff *skb)
 	struct rss_slot *s;
 	struct parsed p;
 	struct selection sel = {};
-	u32 slot, base, types, queue;
+	u32 slot, base, oob_tags, types, queue;
 	u8 probe;
 
 	if (!ctl || !cnt)
@@ -546,13 +556,25 @@ int steer(struct __sk_buff *skb)
 	if (!s)
 		return 0;
 
-	__builtin_memset(&p, 0, 16);
-	/* Is there a byte skb->len bytes past the MAC header? Only if data is past it. */
+	__builtin_memset(&p, 0, PARSED_ZEROED);
+	/* Is there a byte skb->len bytes past the MAC header? Only if data is past it
+	 * (a test run); on a tap, data starts at the MAC header. */
 	base = bpf_skb_load_bytes_relative(skb, skb->len, &probe, 1, BPF_HDR_START_MAC) == 0
 		       ? ETH_HEADER_LEN : 0;
 	p.frame_len = skb->len + base;
+	/*
+	 * A VLAN tag the stack keeps out of band (tx-vlan-offload of the tap) is not in the
+	 * data; tun writes it into the frame after the MAC addresses. Parse the data, then
+	 * give lengths and offsets as in the frame the guest gets.
+	 */
+	oob_tags = skb->vlan_present ? 1 : 0;
 	if (!parse_common(skb, &p))
-		parse_frame(skb, base, &p);
+		parse_frame(skb, base, oob_tags, &p);
+	if (oob_tags) {
+		p.frame_len += 4;
+		if (p.ip_version)
+			p.l3_offset += 4;
+	}
 
 	types = s->enabled ? s->hash_types : 0;
 	if (p.ip_version == 4)

@@ -13,7 +13,8 @@ import itertools
 import os
 import select
 import socket
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -22,13 +23,14 @@ from tests.prereq import need_bcc, need_tun
 from tests.test_steering_conformance import EDGE_CASES, MS_IPV4, MS_IPV6, TRUNCATED_BASES
 from vnetbackend import frames as f
 from vnetbackend import tap
-from vnetbackend.rss import HashType, RssConfig
+from vnetbackend.rss import HashReport, HashType, RssConfig
 from vnetbackend.rss.samples import MICROSOFT_KEY
 from vnetbackend.steering import Report, SteeringProgram, SteeringState
 from vnetbackend.steering.conformance import expected_report
 from vnetbackend.steering.testrun import runnable
 
 QUEUES = 4
+V6S, V6D = "2001:db8:7::1", "2001:db8:7::2"
 WAIT_S = 2.0
 _serial = itertools.count()
 
@@ -97,14 +99,18 @@ def _receive(live: LiveTap, until: bytes) -> list[tuple[int, bytes]]:
 
 
 def _send_and_check(live: LiveTap, program: SteeringProgram, state: SteeringState,
-                    frames: list[bytes]) -> int:
-    """Send each frame; returns how many frames came out (strays included, all checked)."""
+                    frames: list[bytes],
+                    arrives_as: Callable[[bytes], bytes] = lambda frame: frame) -> int:
+    """Send each frame; returns how many frames came out (strays included, all checked).
+
+    *arrives_as* gives the frame as the queue delivers it (e.g. with a VLAN tag added).
+    """
     reader = program.reports()
     reader.drain()
     seen = 0
     for frame in frames:
         assert live.sender.send(frame) == len(frame)
-        received = _receive(live, frame)
+        received = _receive(live, arrives_as(frame))
         reports = collections.Counter(reader.drain())
         for queue, got in received:
             expected: Report = expected_report(state, got)
@@ -202,6 +208,55 @@ async def test_reports_wake_the_asyncio_loop(live: LiveTap, program: SteeringPro
     report = await waiting
     assert report == expected_report(state, frame)
     assert _receive(live, frame)[-1] == (report.queue, frame)
+
+
+_PUSH_TAG = b"""
+int push_tag(struct __sk_buff *skb)
+{
+	bpf_skb_vlan_push(skb, bpf_htons(TPID), VLAN_ID);
+	return 0; /* TC_ACT_OK */
+}
+"""
+CLSACT_EGRESS = "ffff:fff3"
+
+
+@pytest.mark.parametrize("tpid", [0x8100, 0x88A8])
+def test_an_out_of_band_vlan_tag_counts(live: LiveTap, program: SteeringProgram,
+                                        tpid: int) -> None:
+    """A tag the stack keeps out of band (a VLAN device on the tap, here a tc program
+    pushing one on egress) is written into the frame by tun after the program ran; the
+    program must count it as the guest will see it."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    state = _states()[0]
+    _apply(program, state)
+    vlan_id = 7
+    pusher = BPF(text=_PUSH_TAG, cflags=[f"-DTPID={tpid}", f"-DVLAN_ID={vlan_id}"])
+    push_fd = pusher.load_func(b"push_tag", BPF.SCHED_CLS).fd
+    frames = [
+        f.frame(f.ipv4("10.7.0.1", "10.7.0.2", f.tcp(1111, 2222))),
+        f.frame(f.ipv6(V6S, V6D, f.udp(3333, 4444))),
+        f.frame(f.ipv4("10.7.0.1", "10.7.0.2", f.udp(5, 6)), vlans=[(0x8100, 9)]),
+        f.frame(f.ipv4("10.7.0.1", "10.7.0.2", f.udp(5, 6)), vlans=[(0x8100, 9), (0x8100, 10)]),
+        f.BROADCAST_MAC + f.HOST_MAC + b"\x08\x06" + bytes(28),
+    ]
+
+    def tagged(frame: bytes) -> bytes:
+        return frame[:12] + struct.pack("!HH", tpid, vlan_id) + frame[12:]
+
+    reports = [expected_report(state, tagged(frame)).report for frame in frames]
+    assert reports[2] is not HashReport.NONE and reports[3] is HashReport.NONE
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=live.name)[0]
+        ipr.tc("add", "clsact", index)
+        try:
+            ipr.tc("add-filter", "bpf", index, ":1", fd=push_fd, name="push_tag",
+                   parent=CLSACT_EGRESS, classid=1, direct_action=True)
+            _send_and_check(live, program, state, frames, arrives_as=tagged)
+        finally:
+            ipr.tc("del", "clsact", index)
+            pusher.cleanup()
 
 
 def test_attach_to_a_deleted_tap_fails_clearly(program: SteeringProgram) -> None:
