@@ -273,22 +273,13 @@ static __always_inline int find_home_address(struct __sk_buff *skb, u32 base, u3
 	return 0;
 }
 
-static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
+/* The IPv6 extension header chain at `pos` (`nh` names the first), then the transport. */
+static __always_inline void parse_ipv6_chain(struct __sk_buff *skb, u32 base, struct parsed *p,
+					     u8 nh, u32 pos)
 {
-	u8 h[40];
 	u8 e[8];
-	u32 pos, length;
-	u8 nh;
+	u32 length;
 	int chain_ok = 0;
-
-	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 6)
-		return;
-	p->ip_version = 6;
-	p->l3_offset = off;
-	__builtin_memcpy(p->src, &h[8], 16);
-	__builtin_memcpy(p->dst, &h[24], 16);
-	nh = h[6];
-	pos = off + 40;
 
 	for (int i = 0; i < MAX_EXT_HEADERS; i++) {
 		if (!is_ext_header(nh)) {
@@ -322,6 +313,19 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct p
 		return;
 	if (!p->fragment)
 		parse_transport(skb, base, p, nh, pos);
+}
+
+static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
+{
+	u8 h[40];
+
+	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 6)
+		return;
+	p->ip_version = 6;
+	p->l3_offset = off;
+	__builtin_memcpy(p->src, &h[8], 16);
+	__builtin_memcpy(p->dst, &h[24], 16);
+	parse_ipv6_chain(skb, base, p, h[6], off + 40);
 }
 
 /* XOR of one table entry per input byte: the Toeplitz hash of data at input position pos. */
@@ -475,14 +479,14 @@ static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob
  * The common frames in one read: untagged IPv4 without options and IPv6 without
  * extension headers, with whatever transport. The bytes from the ethertype to the end
  * of the ports (or of the frame, if shorter) are read relative to the MAC header in one
- * call. Returns 0 (having changed nothing) for every other frame, for short ones, or when
- * those bytes are not linear in the skb; parse_frame then reads the frame piece by piece,
- * to the same result.
+ * call; an IPv6 extension chain is walked from there. Returns 0 (having changed nothing)
+ * for every other frame, for short ones, or when those bytes are not linear in the skb;
+ * parse_frame then reads the frame piece by piece, to the same result.
  */
 #define WINDOW_V4 (2 + 20 + 4)
 #define WINDOW_V6 (2 + 40 + 4)
 
-static __always_inline int parse_common(struct __sk_buff *skb, struct parsed *p)
+static __always_inline int parse_common(struct __sk_buff *skb, u32 base, struct parsed *p)
 {
 	u8 w[WINDOW_V6];
 	u16 ethertype;
@@ -521,12 +525,16 @@ static __always_inline int parse_common(struct __sk_buff *skb, struct parsed *p)
 		}
 		return 1;
 	}
-	if (full && ethertype == ETH_P_IPV6 && (w[2] >> 4) == 6 && !is_ext_header(w[2 + 6])) {
+	if (full && ethertype == ETH_P_IPV6 && (w[2] >> 4) == 6) {
 		p->ip_version = 6;
 		p->l3_offset = ETH_HEADER_LEN;
 		__builtin_memcpy(p->src, &w[2 + 8], 16);
 		__builtin_memcpy(p->dst, &w[2 + 24], 16);
 		proto = w[2 + 6];
+		if (is_ext_header(proto)) {
+			parse_ipv6_chain(skb, base, p, proto, ETH_HEADER_LEN + 40);
+			return 1;
+		}
 		if ((proto == PROTO_TCP && p->frame_len >= ETH_HEADER_LEN + 40 + 20) ||
 		    (proto == PROTO_UDP && p->frame_len >= ETH_HEADER_LEN + 40 + 8)) {
 			__builtin_memcpy(p->ports, &w[2 + 40], 4);
@@ -568,7 +576,7 @@ int steer(struct __sk_buff *skb)
 	 * give lengths and offsets as in the frame the guest gets.
 	 */
 	oob_tags = skb->vlan_present ? 1 : 0;
-	if (!parse_common(skb, &p))
+	if (!parse_common(skb, base, &p))
 		parse_frame(skb, base, oob_tags, &p);
 	if (oob_tags) {
 		p.frame_len += 4;
