@@ -47,8 +47,10 @@ class LiveTap:
 def _open_live_tap(name: str) -> LiveTap:
     # No IPv6 on the tap: the host would send its own frames (MLD, DAD) into the queues.
     # The tap has no carrier until a queue is attached, so nothing left before this.
-    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as knob:
-        knob.write("1")
+    knob_path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+    if os.path.exists(knob_path):  # absent when the host has no IPv6 at all
+        with open(knob_path, "w") as knob:
+            knob.write("1")
     queues = [tap.open_queue(name) for _ in range(QUEUES)]
     for fd in queues:
         os.set_blocking(fd, False)

@@ -10,11 +10,16 @@ configuration. States the program can be in:
   to ``config.unclassified_queue`` (the device computes hashes but does not steer).
 * RSS off (`disable()`, also the state right after loading): no hash, report type NONE,
   every frame to queue 0.
+
+One writer at a time: `apply` and `disable` reuse the spare slot, so two concurrent
+writers (or two switches while a frame is still being steered by the older slot) could
+mix configurations.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,7 +71,7 @@ class SteeringState:
 def _map_call(name: str, what: str, result: int) -> None:
     if result < 0:
         err = ct.get_errno()
-        raise SteeringError(f"steering map {name}: {what} failed (errno {err})")
+        raise SteeringError(f"steering map {name}: {what} failed: {os.strerror(err)}")
 
 
 class SteeringProgram:
