@@ -80,6 +80,7 @@ class ReportReader:
 
     *open_ring* registers a callback ``(ctx, data, size)`` with bcc; *consume* makes bcc
     call it for every record in the ring; *ring_fd* is the ring buffer map's fd.
+    Records that cannot be decoded are counted in ``malformed`` and skipped.
     """
 
     def __init__(self, open_ring: Callable[[Callable[[Any, int, int], int]], None],
@@ -100,7 +101,12 @@ class ReportReader:
             self.malformed += 1
             return 0
         record = SteeringReport.from_buffer_copy(ct.string_at(data, _RECORD_SIZE))
-        self._ready.append(Report.from_record(record))
+        try:
+            report = Report.from_record(record)
+        except ValueError:  # a report type the specification does not have
+            self.malformed += 1
+            return 0
+        self._ready.append(report)
         return 0
 
     def drain(self) -> list[Report]:
