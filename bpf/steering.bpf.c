@@ -598,7 +598,8 @@ int steer(struct __sk_buff *skb)
 		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];
 
 	if (ctl->report_every) {
-		if (cnt->until_report == 0) {
+		/* A countdown left from a sparser sampling does not delay a denser one. */
+		if (cnt->until_report == 0 || cnt->until_report >= ctl->report_every) {
 			cnt->until_report = ctl->report_every - 1;
 			write_report(&p, &sel, queue, cnt);
 		} else {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Iterator
 
@@ -110,6 +111,16 @@ def test_a_skewed_toeplitz_entry_is_seen(program: SteeringProgram) -> None:
     assert program.read_config() == config
 
 
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """Keep this thread on one CPU: sampling counts per CPU."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    yield
+    os.sched_setaffinity(0, allowed)
+
+
+@pytest.mark.usefixtures("one_cpu")
 def test_counters_and_sampling(program: SteeringProgram) -> None:
     program.apply(_config())
     reader = program.reports()
@@ -122,10 +133,15 @@ def test_counters_and_sampling(program: SteeringProgram) -> None:
     program.set_reports(7)
     assert program.report_every == 7
     program.reset_counters()
-    prog_test_run(program.fd, TCP4, repeat=30)  # one CPU: frames 0, 7, 14, 21, 28
+    prog_test_run(program.fd, TCP4, repeat=30)  # frames 0, 7, 14, 21, 28
     counters = program.counters()
     assert (counters.frames, counters.reports, counters.reports_dropped) == (30, 5, 0)
     assert len(reader.drain()) == 5
+    # The countdown left by 1-in-7 must not hold back reports once every frame is wanted.
+    program.set_reports(1)
+    prog_test_run(program.fd, TCP4, repeat=3)
+    assert program.counters().reports == 5 + 3
+    assert len(reader.drain()) == 3
     with pytest.raises(ValueError):
         program.set_reports(-1)
 
