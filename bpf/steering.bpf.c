@@ -14,7 +14,8 @@
  * toeplitz[i][v], the hash of byte value v at position i, so the hash of an input is the
  * XOR of one table entry per byte.
  *
- * Every structure below is mirrored once in vnetbackend/steering/layout.py; change both.
+ * The map value and report structures are mirrored once in vnetbackend/steering/layout.py
+ * (checked at compile time below); change both.
  */
 
 #define MAX_KEY_SIZE 40
@@ -476,8 +477,8 @@ static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob
 }
 
 /*
- * The common frames in one read: untagged IPv4 without options and IPv6 without
- * extension headers, with whatever transport. The bytes from the ethertype to the end
+ * The common frames in one read: untagged IPv4 without options and untagged IPv6, with
+ * whatever transport. The bytes from the ethertype to the end
  * of the ports (or of the frame, if shorter) are read relative to the MAC header in one
  * call; an IPv6 extension chain is walked from there. Returns 0 (having changed nothing)
  * for every other frame, for short ones, or when those bytes are not linear in the skb;
