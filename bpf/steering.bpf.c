@@ -478,11 +478,11 @@ static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob
 
 /*
  * The common frames in one read: untagged IPv4 without options and untagged IPv6, with
- * whatever transport. The bytes from the ethertype to the end
- * of the ports (or of the frame, if shorter) are read relative to the MAC header in one
- * call; an IPv6 extension chain is walked from there. Returns 0 (having changed nothing)
- * for every other frame, for short ones, or when those bytes are not linear in the skb;
- * parse_frame then reads the frame piece by piece, to the same result.
+ * whatever transport. The bytes from the ethertype to the end of the ports (or of the
+ * frame, if shorter) are read relative to the MAC header in one call; an IPv6 extension
+ * chain is walked from there. Returns 0 (having changed nothing) for every other frame,
+ * for short ones, or when those bytes are not linear in the skb; parse_frame then reads
+ * the frame piece by piece, to the same result.
  */
 #define WINDOW_V4 (2 + 20 + 4)
 #define WINDOW_V6 (2 + 40 + 4)
