@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import time
 
 import pytest
 
 from tests.guest.conftest import RssBed, need_guest
 from vnetbackend import tap
-from vnetbackend.testbed.guest import GuestBootError, GuestOptions, boot_guest
+from vnetbackend.testbed.guest import (
+    DEFAULT_READY_TIMEOUT,
+    GuestBootError,
+    GuestOptions,
+    boot_guest,
+)
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
 
@@ -40,6 +48,55 @@ async def test_everything_torn_down_when_the_test_body_fails():
     assert _gone(seen["pid"])
     assert not tap.tap_exists(seen["tap"])
     assert not seen["run_dir"].exists()
+
+
+CHILD = """
+import asyncio
+from vnetbackend.testbed.guest import GuestOptions, boot_guest
+
+async def main():
+    async with boot_guest(GuestOptions(queues=1)) as guest:
+        print(guest.tap_name, guest.qemu.pid, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def _exited(pid: int, timeout: float) -> bool:
+    """Whether process *pid* exits within *timeout* (pidfd: readable once it has)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(pidfd, gone.set_result, True)
+    try:
+        return await asyncio.wait_for(gone, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+async def test_qemu_and_tap_vanish_when_the_test_process_is_killed():
+    need_guest()
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD,
+                                                 stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(child.stdout.readline(), DEFAULT_READY_TIMEOUT)
+        tap_name, qemu_pid = line.decode().split()
+        assert tap.tap_exists(tap_name)
+    finally:
+        child.kill()  # SIGKILL: no cleanup code of the child runs
+        await child.wait()
+    assert await _exited(int(qemu_pid), timeout=30)
+    deadline = time.monotonic() + 30
+    while tap.tap_exists(tap_name) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not tap.tap_exists(tap_name)
 
 
 async def test_guest_that_never_gets_ready_fails_with_its_console():

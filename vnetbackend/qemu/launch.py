@@ -33,6 +33,8 @@ NET_DEVICE_ID = "vnet0"
 NETDEV_ID = "tap0"
 SUPPORTED_QUEUES = range(1, 9)
 UNIX_PATH_MAX = 108
+#: util-linux's setpriv sets the parent-death signal and execs QEMU (same pid).
+SETPRIV = "setpriv"
 
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
@@ -47,7 +49,9 @@ class VmSpec:
 
     ``run_dir`` holds the VM's sockets and logs (see `VmPaths`); ``paused`` starts it
     with ``-S`` so that the caller can connect everything before the guest runs.
-    ``cpus`` overrides the machine config's CPU count.
+    ``cpus`` overrides the machine config's CPU count. ``die_with_parent`` has the
+    kernel kill QEMU when the process that started it dies, however it dies (QEMU
+    runs in its own session, so it would not see the terminal's signals).
     """
 
     kernel: Path
@@ -66,6 +70,7 @@ class VmSpec:
     extra_args: tuple[str, ...] = ()
     extra_fds: tuple[int, ...] = ()
     binary: str = QEMU_BINARY
+    die_with_parent: bool = True
 
     @property
     def queues(self) -> int:
@@ -202,10 +207,11 @@ class QemuProcess:
                 listeners[name] = _listen(path)
             fds = {name: sock.fileno() for name, sock in listeners.items()}
             argv = qemu_command(spec, fds)
+            prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if spec.die_with_parent else []
             with open(paths.qemu_log, "wb") as log:
                 try:
                     process = await asyncio.create_subprocess_exec(
-                        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                        *prefix, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                         pass_fds=(*spec.tap_fds, *spec.extra_fds, *fds.values()),
                         start_new_session=True)
                 except OSError as err:

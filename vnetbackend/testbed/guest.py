@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import os
 import shutil
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, QMPError
 
 from vnetbackend import tap
 from vnetbackend.qemu.launch import GUEST_MAC, QemuProcess, VmPaths, VmSpec
@@ -145,49 +146,51 @@ async def _wait_ready(qemu: QemuProcess, agent: GuestAgent, timeout: float) -> N
 async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Guest]:
     """Boot a guest as *options* say; yield it once ready; always clean up after.
 
-    Raises `GuestBootError` (with the console log) if it is not ready in time.
+    Raises `GuestBootError` (with the console log) if it is not ready in time. Every
+    teardown step runs even if an earlier one fails.
     """
     image = options.image or find_guest_image()
     if image is None:
         raise FileNotFoundError("no test guest image: run scripts/build-guest")
     name = unique_tap_name()
-    run_dir = Path(tempfile.mkdtemp(prefix=f"vnet-guest-{os.getpid()}-"))
-    fds: list[int] = []
-    qemu: QemuProcess | None = None
-    agent: GuestAgent | None = None
-    control = QMPClient(f"control-{name}")
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"vnet-guest-{os.getpid()}-"))
+        cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
         # tap.py talks netlink through pyroute2's synchronous API, which cannot run inside
         # a running event loop: give it a thread.
         await asyncio.to_thread(tap.create_tap, name)
+        cleanup.push_async_callback(asyncio.to_thread, tap.delete_tap, name)
+        fds: list[int] = []
         for _ in range(options.queues):
             fds.append(await asyncio.to_thread(tap.open_queue, name))
-        append = "console=ttyS0 panic=-1 " + options.kernel_args
+            cleanup.callback(os.close, fds[-1])
+        # From now on the queue fds keep the tap alive: should this process die without
+        # cleaning up, the kernel removes the tap once QEMU (killed with us) lets go too.
+        fcntl.ioctl(fds[0], tap.TUNSETPERSIST, 0)
+        append = f"console=ttyS0 panic=-1 {options.kernel_args}".strip()
         spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
-                      run_dir=run_dir, append=append.strip(), rss=options.rss,
+                      run_dir=run_dir, append=append, rss=options.rss,
                       hash_report=options.hash_report, cpus=options.cpus or options.queues,
                       extra_args=options.extra_args)
         started = time.monotonic()
         qemu = await QemuProcess.start(spec)
+        cleanup.push_async_callback(qemu.stop)
+        control = QMPClient(f"control-{name}")
+        cleanup.push_async_callback(_quietly_disconnect, control)
         try:
             agent = await GuestAgent.connect(spec.paths.agent_socket)
+            cleanup.push_async_callback(agent.close)
             await control.connect(str(spec.paths.control_socket))
             await _let_guest_run(control, timeout=30.0)
             await _wait_ready(qemu, agent, options.ready_timeout)
-        except (AgentError, OSError) as err:
+        except (AgentError, OSError, QMPError) as err:
             raise GuestBootError(str(err), qemu.console_text(), qemu.log_text()) from None
-        guest = Guest(tap_name=name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
-                      agent=agent, control=control, boot_seconds=time.monotonic() - started,
-                      queue_fds=fds)
-        yield guest
-    finally:
-        if agent is not None:
-            await agent.close()
-        with contextlib.suppress(Exception):
-            await control.disconnect()
-        if qemu is not None:
-            await qemu.stop()
-        for fd in fds:
-            os.close(fd)
-        await asyncio.to_thread(tap.delete_tap, name)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        yield Guest(tap_name=name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
+                    agent=agent, control=control, boot_seconds=time.monotonic() - started,
+                    queue_fds=fds)
+
+
+async def _quietly_disconnect(client: QMPClient) -> None:
+    """Disconnect, ignoring what a monitor already gone with QEMU raises (EOFError, ...)."""
+    with contextlib.suppress(Exception):
+        await client.disconnect()
