@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import pytest
 
 from tests.guest.conftest import RSS_GUEST_QUEUES, RssBed, need_guest
-from vnetbackend.rss import ALL_HASH_TYPES, HashType
+from vnetbackend.rss import ALL_HASH_TYPES, HashReport, HashType
 from vnetbackend.rss.samples import MICROSOFT_KEY
 from vnetbackend.testbed.batch import check_batch, report
 from vnetbackend.testbed.check import departed
 from vnetbackend.testbed.departures import DEPARTURES
 from vnetbackend.testbed.ethtool import FLOW_TYPES
-from vnetbackend.testbed.traffic import make_batch
+from vnetbackend.testbed.traffic import make_batch, make_truncated_batch
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
 
@@ -97,5 +97,17 @@ async def test_departures_occur_exactly_as_documented(rss_bed: RssBed):
     probes = make_batch(rss_bed.guest.mac, per_class=8, seed=11, classes=classes)
     counts = departed(config, probes)
     assert set(counts) == {d.name for d in DEPARTURES}
+    mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
+    assert not mismatches, report(config, mismatches)
+
+
+async def test_truncated_frames_match_the_model(rss_bed: RssBed):
+    """Frames that end inside their transport header or an IPv6 extension header."""
+    need_guest()
+    await apply(rss_bed, GuestCase("truncated", CHOSEN_KEY, equal=RSS_GUEST_QUEUES))
+    config = await rss_bed.rss.read_config()
+    probes = make_truncated_batch(rss_bed.guest.mac, seed=4)
+    reports = {config.steer(p.frame).report for p in probes}
+    assert {HashReport.IPV4, HashReport.UDPV4, HashReport.IPV6, HashReport.TCPV6} <= reports
     mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
     assert not mismatches, report(config, mismatches)

@@ -17,7 +17,7 @@ from vnetbackend.qemu.features import (
     feature_names,
 )
 from vnetbackend.qemu.launch import LaunchError, VmSpec, qemu_command
-from vnetbackend.rss import HashType, RssConfig, toeplitz
+from vnetbackend.rss import HashReport, HashType, RssConfig, toeplitz
 from vnetbackend.rss.samples import MICROSOFT_KEY
 from vnetbackend.testbed.departures import ATOMIC_FRAGMENT, AUTH_HEADER_LENGTH, LONG_CHAIN
 from vnetbackend.testbed.ethtool import (
@@ -28,7 +28,12 @@ from vnetbackend.testbed.ethtool import (
     parse_rxfh,
 )
 from vnetbackend.testbed.observer import REDUCE_SED, TraceFormatError, parse_records
-from vnetbackend.testbed.traffic import FRAME_CLASSES, AuthHeader, make_batch
+from vnetbackend.testbed.traffic import (
+    FRAME_CLASSES,
+    AuthHeader,
+    make_batch,
+    make_truncated_batch,
+)
 
 RXFH = """RX flow hash indirection table for eth0 with 4 RX ring(s):
     0:      0     1     2     0     1     2     0     1
@@ -119,6 +124,19 @@ def test_batches_have_distinct_lengths_and_repeat_with_their_seed():
     assert make_batch(MAC, per_class=3, seed=6)[0].frame != batch[0].frame
     with pytest.raises(ValueError, match="unknown frame classes"):
         make_batch(MAC, classes=["ipv5"])
+
+
+def test_truncated_batch_cuts_inside_the_headers_with_distinct_lengths():
+    batch = make_truncated_batch(MAC, seed=1)
+    assert len({(p.l3_len, p.ethertype) for p in batch}) == len(batch)
+    config = RssConfig(hash_types=0x3F, key=MICROSOFT_KEY, indirection_table=range(4),
+                       queues=4)
+    for probe in batch:
+        report = config.steer(probe.frame).report
+        if "_tcp" in probe.frame_class and probe.frame_class.startswith("ipv4"):
+            assert report is HashReport.IPV4  # never a whole TCP header
+        if "_ext_" in probe.frame_class:
+            assert report is HashReport.IPV6
 
 
 def test_each_departure_recognises_only_its_class():

@@ -13,7 +13,8 @@ table read back with ethtool -x); the reported hashes were recomputed by hand wi
 Checked the same way and found to agree with the model (every key, table and hash-type
 set of tests/guest/test_rss_in_guest.py): IPv4 and IPv6 with TCP, UDP and ICMP; IPv4
 options; IPv4 and IPv6 first and later fragments; hop-by-hop, destination options with
-the home address option, type 2 routing; 802.1Q, 802.1ad, QinQ and three tags; ARP.
+the home address option, type 2 routing; 802.1Q, 802.1ad, QinQ and three tags; ARP;
+IPv4 and IPv6 frames cut inside their TCP/UDP header or inside an extension header.
 Not reachable from a Linux guest: the ``_EX`` hash types (its driver never sets them).
 """
 

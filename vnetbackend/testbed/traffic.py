@@ -247,3 +247,38 @@ def make_batch(dst_mac: bytes, per_class: int = 4, seed: int = 0,
             probes.append(probe)
             next_len = want + 1
     return probes
+
+
+def _truncated_ipv4(rng: random.Random, l3_len: int, mac: bytes) -> Probe:
+    """IPv4 cut at *l3_len*: the header (with options) whole, the transport part cut."""
+    options = rng.choice([j for j in range(11) if 0 <= l3_len - 20 - 4 * j < 20])
+    proto = rng.choice((f.tcp, f.udp))
+    packet = f.ipv4(*_v4(rng), proto(_port(rng), _port(rng), bytes(20)),
+                    options=b"\x01" * (4 * options))
+    kind = "tcp" if proto is f.tcp else "udp"
+    return Probe(f"ipv4_truncated_{kind}", f.frame(packet, dst=mac)[: ETH_HEADER + l3_len])
+
+
+def _truncated_ipv6(rng: random.Random, l3_len: int, mac: bytes) -> Probe:
+    """IPv6 cut at *l3_len*: inside its transport header or inside an extension header."""
+    proto = rng.choice((f.tcp, f.udp))
+    ext_len = rng.choice([n for n in (0, 8, 16) if l3_len > 40 + n or n == 16])
+    ext = [f.hop_by_hop(bytes(ext_len - 2))] if ext_len else []
+    packet = f.ipv6(*_v6(rng), proto(_port(rng), _port(rng), bytes(40)), ext=ext)
+    where = "ext" if l3_len < 40 + ext_len else "l4"
+    kind = "tcp" if proto is f.tcp else "udp"
+    return Probe(f"ipv6_truncated_{where}_{kind}", f.frame(packet, dst=mac)[: ETH_HEADER + l3_len])
+
+
+def make_truncated_batch(dst_mac: bytes, seed: int = 0) -> list[Probe]:
+    """Frames that end inside their transport or an IPv6 extension header.
+
+    Each L3 length is used once per ethertype (IPv4: 20..79, IPv6: 41..87), so every
+    frame is still found by (length, ethertype); the cut, not padding, sets the length.
+    """
+    rng = random.Random(seed)
+    probes = [_truncated_ipv4(rng, length, dst_mac) for length in range(20, 80)]
+    probes += [_truncated_ipv6(rng, length, dst_mac) for length in range(41, 88)]
+    if len({(p.l3_len, p.ethertype) for p in probes}) != len(probes):
+        raise AssertionError("truncated batch: two frames share a length")
+    return probes
