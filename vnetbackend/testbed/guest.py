@@ -24,7 +24,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient, QMPError
 
 from vnetbackend import tap
-from vnetbackend.qemu.launch import GUEST_MAC, QemuProcess, VmPaths, VmSpec
+from vnetbackend.qemu.launch import GUEST_MAC, QemuProcess, VmPaths, VmSpec, quoted
 from vnetbackend.testbed.agent import AgentError, GuestAgent
 from vnetbackend.testbed.image import GuestImage, find_guest_image
 
@@ -39,10 +39,11 @@ _names = itertools.count()
 class GuestBootError(RuntimeError):
     """The guest did not become ready; the message carries its console and QEMU's log."""
 
-    def __init__(self, reason: str, console: str, qemu_log: str) -> None:
+    def __init__(self, reason: str, console: str, qemu_log: str, command: str = "") -> None:
         tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
         super().__init__(f"{reason}\n--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n"
-                         f"{tail}\n--- qemu output ---\n{qemu_log.strip()}")
+                         f"{tail}\n--- qemu output ---\n{qemu_log.strip()}\n"
+                         f"--- qemu command ---\n{command}")
         self.reason = reason
         self.console = console
         self.qemu_log = qemu_log
@@ -184,7 +185,8 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
             await _let_guest_run(control, timeout=30.0)
             await _wait_ready(qemu, agent, options.ready_timeout)
         except (AgentError, OSError, QMPError) as err:
-            raise GuestBootError(str(err), qemu.console_text(), qemu.log_text()) from None
+            raise GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
+                                 quoted(qemu.argv)) from None
         yield Guest(tap_name=name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
                     agent=agent, control=control, boot_seconds=time.monotonic() - started,
                     queue_fds=fds)
