@@ -98,6 +98,7 @@ class Daemon:
     trace_log: Path | None
     publish: Callable[[str, dict[str, Any]], None]
     qemu_exited: Awaitable[str] | None = None
+    qemu_pid: int | None = None
     negotiation: NegotiationStatus = field(default_factory=NegotiationStatus)
     ending: Ending | None = None
     ending_reason: str = ""

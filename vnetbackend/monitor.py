@@ -40,6 +40,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
         "tap": daemon.tap_name,
         "queues": daemon.queues,
         "device": {"id": daemon.device.qdev_id, "pci-address": daemon.device.pci_address},
+        "qemu-pid": daemon.qemu_pid,
         "features": daemon.negotiation.view(),
         "rss": describe(mirror.rss),
         "rss-state": {

@@ -174,7 +174,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
         yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
                      tap_name=options.tap_name, queues=options.queues, program=program,
                      control_fd=control_fd, trace_log=trace_log, publish=publish,
-                     qemu_exited=_exit_reason(process))
+                     qemu_exited=_exit_reason(process), qemu_pid=process.pid)
     finally:
         await qmp.disconnect()
         await _stop_qemu(process)

@@ -1,0 +1,313 @@
+"""The daemon against a real guest: the mirror follows every change, faults end it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import QMPClient
+
+from tests.guest.conftest import need_guest
+from tests.prereq import need_bcc
+from vnetbackend import runner, tap
+from vnetbackend.qemu.launch import MACHINE_CONFIG
+from vnetbackend.rss import RssConfig
+from vnetbackend.steering.reports import Report
+from vnetbackend.testbed.agent import GuestAgent
+from vnetbackend.testbed.batch import check_batch, report
+from vnetbackend.testbed.ethtool import GuestRss
+from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest, unique_tap_name
+from vnetbackend.testbed.image import find_guest_image
+from vnetbackend.testbed.injector import silence_host_stack
+from vnetbackend.testbed.observer import RxObserver
+from vnetbackend.testbed.traffic import make_batch
+
+pytestmark = pytest.mark.guest
+EVENT_TIMEOUT = 30.0
+READY_TIMEOUT = 180.0
+
+
+def same_rss(view: dict[str, Any] | None, config: RssConfig) -> bool:
+    """Whether a query-vnet RSS view holds *config*'s key, table and hash types."""
+    return view is not None and (view["key"], view["indirection-table"], view["hash-types"]) == (
+        config.key.hex(), list(config.indirection_table), int(config.hash_types))
+
+
+async def wait_mirrored(client: QMPClient, guest_config: RssConfig) -> dict[str, Any]:
+    """Wait (on the daemon's events) until its maps and snapshot equal *guest_config*."""
+    async def settled() -> dict[str, Any]:
+        while True:
+            status = await client.execute("query-vnet")
+            if same_rss(status["rss"], guest_config) and same_rss(status["steering"]["rss"],
+                                                                   guest_config):
+                return status
+            await client.events.get()
+    return await asyncio.wait_for(settled(), EVENT_TIMEOUT)
+
+
+@dataclass
+class Attached:
+    guest: Guest
+    rss: GuestRss
+    observer: RxObserver
+    daemon: Any
+    monitor: QMPClient
+
+
+@contextlib.asynccontextmanager
+async def attached_guest(tmp_path: Path) -> AsyncIterator[Attached]:
+    need_guest()
+    need_bcc()
+    options = GuestOptions(queues=4, extra_args=("-msg", "timestamp=on"))
+    async with boot_guest(options) as guest:
+        silence_host_stack(guest.tap_name)
+        rss = GuestRss(guest.agent)
+        await rss.enable_rxhash()
+        observer = RxObserver(guest.agent)
+        await observer.start()
+        monitor_path = tmp_path / "monitor.sock"
+        async with runner.attached(guest.qmp_socket, guest.tap_name, tmp_path / "run",
+                                   monitor_path) as daemon:
+            serving = asyncio.create_task(daemon.serve())
+            client = QMPClient("test")
+            await client.connect(str(monitor_path))
+            try:
+                yield Attached(guest, rss, observer, daemon, client)
+            finally:
+                daemon.request_stop("test over")
+                await serving
+                await client.disconnect()
+
+
+async def check_traffic(bed: Attached, config: RssConfig, seed: int) -> None:
+    """Inject a traffic mix: the program's reports must equal the reference model, and the
+    guest must see what the model (or a documented QEMU departure) says."""
+    probes = make_batch(bed.guest.mac, per_class=1, seed=seed)
+    reader = bed.daemon.program.reports()
+    reader.drain()
+    mismatches = await check_batch(bed.guest.tap_name, bed.observer, config, probes)
+    assert not mismatches, report(config, mismatches)
+    reports: dict[int, Report] = {}
+    while len(reports) < len(probes):
+        found = await reader.next(timeout=EVENT_TIMEOUT)
+        reports[found.frame_len] = found
+    for probe in probes:
+        expected = config.steer(probe.frame)
+        found = reports[len(probe.frame)]
+        assert (found.hash, found.report, found.queue) == (
+            expected.hash, expected.report, expected.queue), (
+            f"{probe.frame_class}: {probe.frame.hex()}")
+
+
+async def test_mirror_follows_every_guest_change(tmp_path: Path) -> None:
+    async with attached_guest(tmp_path) as bed:
+        status = await wait_mirrored(bed.monitor, await bed.rss.read_config())
+        assert {"VIRTIO_NET_F_RSS", "VIRTIO_NET_F_HASH_REPORT"} <= set(
+            status["features"]["negotiated"])
+        assert status["steering"]["attached"]
+        await bed.monitor.execute("vnet-set-reports", {"enable": True})
+        steps = [
+            lambda: bed.rss.set_rxfh(key=bytes(range(7, 47))),
+            lambda: bed.rss.set_rxfh(equal=2),
+            lambda: bed.rss.set_rxfh(weights=[1, 2, 3, 2]),
+            lambda: bed.rss.set_flow_hash("udp4", "sd"),
+            lambda: bed.rss.set_rxfh(key=bytes(range(40)), equal=3),
+        ]
+        for seed, step in enumerate(steps):
+            await step()
+            guest_config = await bed.rss.read_config()
+            status = await wait_mirrored(bed.monitor, guest_config)
+            assert status["steering"]["attached"] and status["rss-state"]["populate-hash"]
+            await check_traffic(bed, guest_config, seed)
+        assert status["mirror"]["refused"] == 0
+        assert status["mirror"]["last-latency-ms"] is not None
+
+
+async def test_monitor_refuses_bad_arguments_and_keeps_serving(tmp_path: Path) -> None:
+    async with attached_guest(tmp_path) as bed:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "monitor.sock"))
+        await reader.readline()
+        for line in (b'{"execute": "qmp_capabilities"}', b'{"execute" "query-vnet"}',
+                     b'{"execute": "vnet-set-reports", "arguments": {"enable": "yes"}}',
+                     b'{"execute": "vnet-set-reports", "arguments": {"enable": true, '
+                     b'"every": 0}}',
+                     b'{"execute": "no-such-command"}'):
+            writer.write(line + b"\n")
+        replies = [await asyncio.wait_for(reader.readline(), EVENT_TIMEOUT) for _ in range(5)]
+        writer.close()
+        await writer.wait_closed()
+        assert b'"return"' in replies[0]
+        assert all(b'"error"' in reply for reply in replies[1:]), replies
+        assert b"enable" in replies[2] and b"every" in replies[3]
+        assert b"CommandNotFound" in replies[4]
+        status = await bed.monitor.execute("query-vnet")
+        assert status["steering"]["report-every"] == 0
+
+
+# -- vnetbackend run, as a separate process ----------------------------------------------
+
+
+class DaemonProcess:
+    """``vnetbackend`` as a child process; its log lines are collected as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.listening = asyncio.Event()
+        self._reading = asyncio.create_task(self._read_log())
+
+    @classmethod
+    async def start(cls, *args: str, pass_fds: tuple[int, ...] = ()) -> DaemonProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vnetbackend.cli", *args, pass_fds=pass_fds,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        return cls(process)
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.log.append(line.decode(errors="replace"))
+            if "QMP monitor listening" in self.log[-1]:
+                self.listening.set()
+
+    async def monitor(self, path: Path) -> QMPClient:
+        """A client of the daemon's monitor, once the daemon says it listens."""
+        listening = asyncio.create_task(self.listening.wait())
+        exited = asyncio.create_task(self.process.wait())
+        done, _ = await asyncio.wait({listening, exited}, timeout=120,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        exited.cancel()
+        assert listening in done, f"daemon not listening: {''.join(self.log)}"
+        client = QMPClient("test")
+        await client.connect(str(path))
+        return client
+
+    async def finish(self) -> tuple[int, str]:
+        """Wait for the exit; (status, everything it logged)."""
+        await asyncio.wait_for(self.process.wait(), 60)
+        await self._reading
+        return self.process.returncode or 0, "".join(self.log)
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        await self._reading
+
+
+@dataclass
+class RunningDaemon:
+    daemon: DaemonProcess
+    tap_name: str
+    run_dir: Path
+    rss: GuestRss
+    monitor: QMPClient
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.monitor.execute("query-vnet")
+        return result
+
+
+@contextlib.asynccontextmanager
+async def run_daemon(tmp_path: Path) -> AsyncIterator[RunningDaemon]:
+    need_guest()
+    need_bcc()
+    image = find_guest_image()
+    assert image is not None
+    name = unique_tap_name()
+    run_dir = tmp_path / "run"
+    agent_path = tmp_path / "agent.sock"
+    agent_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    agent_listener.bind(str(agent_path))
+    agent_listener.listen(1)
+    fd = agent_listener.fileno()
+    daemon = await DaemonProcess.start(
+        "run", "--tap", name, "--queues", "2", "--run-dir", str(run_dir), "--pass-fd", str(fd),
+        "--", "-readconfig", str(MACHINE_CONFIG), "-nodefaults", "-display", "none",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-append", "console=ttyS0 panic=-1",
+        "-chardev", f"file,id=console,path={tmp_path / 'console.log'}", "-serial",
+        "chardev:console", "-chardev", f"socket,id=agent,fd={fd},server=on,wait=off",
+        "-serial", "chardev:agent", pass_fds=(fd,))
+    agent_listener.close()
+    qemu_pid = None
+    agent = None
+    try:
+        agent = await GuestAgent.connect(agent_path)
+        await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
+        monitor = await daemon.monitor(run_dir / runner.MONITOR_SOCKET)
+        running = RunningDaemon(daemon, name, run_dir, GuestRss(agent), monitor)
+        qemu_pid = (await running.status())["qemu-pid"]
+        yield running
+    finally:
+        if agent is not None:
+            await agent.close()
+        await daemon.kill()
+        if qemu_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu_pid, signal.SIGKILL)
+        await asyncio.to_thread(tap.delete_tap, name)
+
+
+async def test_run_mirrors_and_a_restarted_daemon_recovers(tmp_path: Path) -> None:
+    async with run_daemon(tmp_path) as running:
+        await running.rss.set_rxfh(key=bytes(range(3, 43)), equal=2)
+        guest_config = await running.rss.read_config()
+        status = await wait_mirrored(running.monitor, guest_config)
+        assert status["features"]["negotiated"] == sorted(
+            ["VIRTIO_NET_F_CTRL_VQ", "VIRTIO_NET_F_HASH_REPORT", "VIRTIO_NET_F_MQ",
+             "VIRTIO_NET_F_RSS"])
+        await running.daemon.kill()
+        await running.monitor.disconnect()
+        assert tap.tap_exists(running.tap_name), "a killed daemon cannot clean up"
+
+        monitor_path = tmp_path / "second.sock"
+        second = await DaemonProcess.start(
+            "attach", "--qmp", str(running.run_dir / runner.QMP_SOCKET), "--tap",
+            running.tap_name, "--run-dir", str(tmp_path / "run2"), "--monitor",
+            str(monitor_path))
+        try:
+            client = await second.monitor(monitor_path)
+            status = await wait_mirrored(client, guest_config)
+            assert status["steering"]["attached"]
+            await asyncio.to_thread(tap.delete_tap, running.tap_name)
+            code, log = await second.finish()
+            await client.disconnect()
+        finally:
+            await second.kill()
+        assert code == 4
+        assert f"tap {running.tap_name} was deleted" in log
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "quit-qemu", "kill-qemu", "delete-tap"])
+async def test_run_ends_cleanly(tmp_path: Path, ending: str) -> None:
+    async with run_daemon(tmp_path) as running:
+        status = await running.status()
+        if ending == "sigterm":
+            running.daemon.process.send_signal(signal.SIGTERM)
+        elif ending == "quit-qemu":
+            os.kill(status["qemu-pid"], signal.SIGTERM)
+        elif ending == "kill-qemu":
+            os.kill(status["qemu-pid"], signal.SIGKILL)
+        else:
+            await asyncio.to_thread(tap.delete_tap, running.tap_name)
+        code, err = await running.daemon.finish()
+        await running.monitor.disconnect()
+        expected = {"sigterm": (0, ""), "quit-qemu": (3, "QEMU exited with status 0"),
+                    "kill-qemu": (3, "QEMU was killed by signal 9"),
+                    "delete-tap": (4, f"tap {running.tap_name} was deleted")}[ending]
+        assert code == expected[0], err
+        assert expected[1] in err
+        assert not tap.tap_exists(running.tap_name)
+        with pytest.raises(ProcessLookupError):
+            os.kill(status["qemu-pid"], 0)
