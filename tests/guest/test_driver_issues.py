@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.guest.conftest import need_guest
+from vnetbackend.qemu.departures import expectation, folded_queue
 from vnetbackend.qemu.features import virtio_net_path
 from vnetbackend.rss.samples import MICROSOFT_KEY
 from vnetbackend.testbed.batch import observe_batch
-from vnetbackend.testbed.check import expectation
-from vnetbackend.testbed.departures import folded_queue
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.guest import GuestOptions, boot_guest
 from vnetbackend.testbed.injector import silence_host_stack
@@ -37,7 +36,7 @@ async def test_stale_max_tx_vq_folds_queues_beyond_the_boot_count():
         path = await virtio_net_path(guest.control)
         rx2 = await guest.control.execute("x-query-virtio-queue-status",
                                           {"path": path, "queue": 4})
-    expected = [expectation(config, p) for p in probes]
+    expected = [expectation(config, p.frame) for p in probes]
     assert {e.queue for e in expected} == {0, 1, 2, 3}
     seen = [records[p.l3_len, p.ethertype] for p in probes]
     assert [(r.queue, r.hash) for r in seen] == [

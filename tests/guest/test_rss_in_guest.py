@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import pytest
 
 from tests.guest.conftest import RSS_GUEST_QUEUES, RssBed, need_guest
+from vnetbackend.qemu.departures import DEPARTURES
 from vnetbackend.rss import ALL_HASH_TYPES, HashReport, HashType
 from vnetbackend.rss.samples import MICROSOFT_KEY
 from vnetbackend.testbed.batch import check_batch, report
 from vnetbackend.testbed.check import departed
-from vnetbackend.testbed.departures import DEPARTURES
 from vnetbackend.testbed.ethtool import FLOW_TYPES
 from vnetbackend.testbed.traffic import make_batch, make_truncated_batch
 

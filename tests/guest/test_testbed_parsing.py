@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vnetbackend import frames as f
+from vnetbackend.qemu.departures import ATOMIC_FRAGMENT, AUTH_HEADER_LENGTH, LONG_CHAIN
 from vnetbackend.qemu.features import (
     HASH_REPORT,
     RSS,
@@ -19,7 +20,6 @@ from vnetbackend.qemu.features import (
 from vnetbackend.qemu.launch import LaunchError, VmSpec, qemu_command
 from vnetbackend.rss import HashReport, HashType, RssConfig, toeplitz
 from vnetbackend.rss.samples import MICROSOFT_KEY
-from vnetbackend.testbed.departures import ATOMIC_FRAGMENT, AUTH_HEADER_LENGTH, LONG_CHAIN
 from vnetbackend.testbed.ethtool import (
     EthtoolFormatError,
     hash_types_from_flows,

@@ -3,7 +3,7 @@
 Each injected `Probe` is looked up among the guest's `RxRecord`s by (L3 length,
 ethertype), which a batch makes unique. Its expectation is the model's steering decision
 under the configuration read back from the guest, unless a documented QEMU departure
-(`vnetbackend.testbed.departures`) recognises the frame: then the departure's account of
+(`vnetbackend.qemu.departures`) recognises the frame: then the departure's account of
 what QEMU does is expected instead. `departed` counts the frames for which that account
 differs from the model, so that a test can show each departure really occurred.
 """
@@ -14,28 +14,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vnetbackend.rss import RssConfig, Steering
-from vnetbackend.testbed.departures import DEPARTURES, Departure
+from vnetbackend.qemu.departures import DEPARTURES, Departure, Expectation, expectation
+from vnetbackend.rss import RssConfig
 from vnetbackend.testbed.observer import RxRecord
 from vnetbackend.testbed.traffic import Probe
-
-
-@dataclass(frozen=True, slots=True)
-class Expectation:
-    """What the guest should see for one frame: queue, hash, L4 or not."""
-
-    queue: int
-    hash: int
-    l4_hash: bool
-    departure: str | None = None
-
-    @classmethod
-    def from_steering(cls, steering: Steering, departure: str | None = None) -> Expectation:
-        return cls(steering.queue, steering.hash, steering.report.is_l4, departure)
-
-    def describe(self) -> str:
-        how = f" (departure {self.departure})" if self.departure else ""
-        return f"queue {self.queue} hash 0x{self.hash:08x} l4 {int(self.l4_hash)}{how}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,22 +39,12 @@ class Mismatch:
                 f"  expected: {self.expected.describe()}\n  seen: {seen}")
 
 
-def expectation(config: RssConfig, probe: Probe,
-                departures: Sequence[Departure] = DEPARTURES) -> Expectation:
-    """The model's steering for *probe*, or a matching departure's account of QEMU's."""
-    for departure in departures:
-        if departure.applies(config, probe.frame):
-            return Expectation.from_steering(departure.qemu_steer(config, probe.frame),
-                                             departure.name)
-    return Expectation.from_steering(config.steer(probe.frame))
-
-
 def departed(config: RssConfig, probes: Sequence[Probe],
              departures: Sequence[Departure] = DEPARTURES) -> dict[str, int]:
     """Per departure, how many *probes* it gives a steering other than the model's."""
     counts: dict[str, int] = {}
     for probe in probes:
-        expected = expectation(config, probe, departures)
+        expected = expectation(config, probe.frame, departures)
         if expected.departure and expected != Expectation.from_steering(
                 config.steer(probe.frame), expected.departure):
             counts[expected.departure] = counts.get(expected.departure, 0) + 1
@@ -87,7 +59,7 @@ def compare(config: RssConfig, probes: Sequence[Probe], records: Sequence[RxReco
         by_key[record.l3_len, record.protocol].append(record)
     mismatches = []
     for probe in probes:
-        expected = expectation(config, probe, departures)
+        expected = expectation(config, probe.frame, departures)
         seen = tuple(by_key.get((probe.l3_len, probe.ethertype), ()))
         reason = None
         if len(seen) != 1:

@@ -20,7 +20,7 @@ Not reachable from a Linux guest: the ``_EX`` hash types (its driver never sets 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vnetbackend.rss import HashReport, HashType, RssConfig, Steering, toeplitz
@@ -203,3 +203,31 @@ STALE_MAX_TX_VQ = DriverIssue(
 def folded_queue(queue: int, active_pairs: int) -> int:
     """Where a frame steered to *queue* arrives when QEMU serves *active_pairs* pairs."""
     return queue % active_pairs
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the guest should see for one frame: queue, hash, L4 or not."""
+
+    queue: int
+    hash: int
+    l4_hash: bool
+    departure: str | None = None
+
+    @classmethod
+    def from_steering(cls, steering: Steering, departure: str | None = None) -> Expectation:
+        return cls(steering.queue, steering.hash, steering.report.is_l4, departure)
+
+    def describe(self) -> str:
+        how = f" (departure {self.departure})" if self.departure else ""
+        return f"queue {self.queue} hash 0x{self.hash:08x} l4 {int(self.l4_hash)}{how}"
+
+
+def expectation(config: RssConfig, frame: bytes,
+                departures: Sequence[Departure] = DEPARTURES) -> Expectation:
+    """The model's steering for *frame*, or a matching departure's account of QEMU's."""
+    for departure in departures:
+        if departure.applies(config, frame):
+            return Expectation.from_steering(departure.qemu_steer(config, frame),
+                                             departure.name)
+    return Expectation.from_steering(config.steer(frame))
