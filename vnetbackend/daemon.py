@@ -27,6 +27,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, Runstate
 
+from vnetbackend.check import HashChecker
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.mirror import Mirror
 from vnetbackend.qemu.device import NetDevice
@@ -100,6 +101,7 @@ class Daemon:
     qemu_exited: Awaitable[str] | None = None
     qemu_pid: int | None = None
     negotiation: NegotiationStatus = field(default_factory=NegotiationStatus)
+    checker: HashChecker = field(init=False)
     ending: Ending | None = None
     ending_reason: str = ""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -108,6 +110,7 @@ class Daemon:
     def __post_init__(self) -> None:
         self.mirror = Mirror(self.qmp, self.device, self.program, self.control_fd,
                              self.queues, self.publish)
+        self.checker = HashChecker(self.publish)
 
     def request_stop(self, reason: str = "requested") -> None:
         """Ask `serve` to shut down cleanly."""

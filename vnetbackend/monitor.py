@@ -6,12 +6,13 @@
                    state, counters
 ``vnet-set-reports``  ``{enable: bool, every?: int}``: per-packet reports on/off,
                    one frame in ``every``
+``query-vnet-check``  the three-way hash check's totals and per-class tallies
 ``quit``           shut the daemon down cleanly
 =================  ==========================================================
 
 Events: ``VNET_NEGOTIATED``, ``VNET_RSS_CHANGED``, ``VNET_STEERING_ATTACHED``,
 ``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``, ``VNET_STEERING_FAILED``,
-``VNET_SHUTDOWN``.
+``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vnetbackend import __version__
 from vnetbackend.daemon import Daemon
 from vnetbackend.mirror import describe
 from vnetbackend.qmp_server import Param, QmpServer, VersionInfo
+from vnetbackend.steering.program import SteeringError
 
 MAX_REPORT_EVERY = 0xFFFFFFFF
 
@@ -35,6 +37,10 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
     """What ``query-vnet`` returns."""
     mirror = daemon.mirror.status
     counters = daemon.program.counters()
+    try:
+        maps: dict[str, Any] | str | None = describe(daemon.program.read_config())
+    except SteeringError as err:  # a map no longer matches the key it was built from
+        maps = f"inconsistent: {err}"
     state = mirror.state
     return {
         "tap": daemon.tap_name,
@@ -50,7 +56,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
         },
         "steering": {
             "attached": mirror.attached,
-            "rss": describe(daemon.program.read_config()),
+            "rss": maps,
             "report-every": daemon.program.report_every,
             "frames": counters.frames,
             "reports": counters.reports,
@@ -78,6 +84,9 @@ def register_commands(server: QmpServer, daemon: Daemon) -> None:
         daemon.program.set_reports(every)
         return {"report-every": every}
 
+    async def query_check(_: dict[str, Any]) -> dict[str, Any]:
+        return daemon.checker.summary()
+
     async def quit_(_: dict[str, Any]) -> None:
         daemon.request_stop("quit on the monitor")
 
@@ -86,4 +95,5 @@ def register_commands(server: QmpServer, daemon: Daemon) -> None:
         "enable": Param(bool),
         "every": Param(int, required=False, minimum=1, maximum=MAX_REPORT_EVERY),
     })
+    server.register("query-vnet-check", query_check)
     server.register("quit", quit_)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes as ct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +153,27 @@ class ReportReader:
     async def _iterate(self) -> AsyncIterator[Report]:
         while True:
             yield await self.next()
+
+
+async def collect_reports(reader: ReportReader, frame_lengths: Iterable[int],
+                          timeout: float) -> list[Report]:
+    """Every report read until one for each of *frame_lengths* arrived (or *timeout* s).
+
+    Returns all reports read, those of other frames included, so that a caller can count
+    what matched nothing; a length whose report never came is simply missing.
+    """
+    missing = set(frame_lengths)
+    reports: list[Report] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while missing:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            report = await reader.next(timeout=remaining)
+        except TimeoutError:
+            break
+        reports.append(report)
+        missing.discard(report.frame_len)
+    return reports + reader.drain()
