@@ -8,4 +8,5 @@ BENCHMARKS = {
     "reference": "vnetbackend.bench.reference",
     "steering": "vnetbackend.bench.steering",
     "guest": "vnetbackend.bench.guest",
+    "mirror": "vnetbackend.bench.mirror",
 }

@@ -1,0 +1,178 @@
+"""Mirror latency: from QEMU's RSS trace event to the steering program attached again.
+
+Boots the test guest (QEMU started with ``-msg timestamp=on``, so its trace lines carry
+wall-clock times), attaches the daemon to it, then has the guest's ethtool change the
+RSS key and indirection table ``--changes`` times, each change a separate ``ethtool -X``
+(one RSS command to the device). The daemon's mirror records, per change, the time from
+the trace line's timestamp to the program being attached with the new configuration;
+those are the figures. The benchmark waits on the daemon's own events, and fails if
+the mirror did not record exactly one latency per change.
+
+Percentiles are nearest-rank: with fewer than 100 changes ``p99_ms`` is the maximum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from vnetbackend import runner
+from vnetbackend.daemon import Daemon
+from vnetbackend.mirror import LATENCY_HISTORY
+from vnetbackend.testbed.ethtool import DEVICE, GuestRss
+from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest
+
+#: How long the daemon may take to show the effect of one agent call.
+EVENT_TIMEOUT = 60.0
+KEY_LENGTH = 40
+#: Daemon events that mean a change was not mirrored.
+FAILURE_EVENTS = frozenset({"VNET_RSS_REFUSED", "VNET_STEERING_FAILED",
+                            "VNET_GUEST_RSS_REJECTED"})
+
+
+class MirrorBenchError(RuntimeError):
+    """The mirror did not record one latency per change."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queues", type=int, default=4, help="queue pairs (default: 4)")
+    parser.add_argument("--changes", type=_change_count, default=60,
+                        help="RSS changes the guest makes (default: %(default)s)")
+    parser.add_argument("--per-call", type=int, default=1,
+                        help="changes sent back to back in one guest agent call; 1 waits "
+                             "for each change to be mirrored before the next "
+                             "(default: %(default)s)")
+
+
+def _change_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count < LATENCY_HISTORY:
+        raise argparse.ArgumentTypeError(f"must be 1..{LATENCY_HISTORY - 1}, got {count}")
+    return count
+
+
+def rxfh_command(index: int, queues: int) -> str:
+    """The *index*-th change: a key of its own, and a table spread over 1..queues queues
+    evenly or by weight in turn, so no change repeats the one before."""
+    key = ":".join(f"{(index * 11 + 3 * byte) % 256:02x}" for byte in range(KEY_LENGTH))
+    spread = index % queues + 1
+    if index % 2:
+        table = "weight " + " ".join(str((index + queue) % 3 + 1) for queue in range(queues))
+    else:
+        table = f"equal {spread}"
+    return f"ethtool -X {DEVICE} hkey {key} {table}"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of *values* (not empty)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+async def next_latencies(daemon: Daemon, monitor: QMPClient, count: int) -> list[float]:
+    """The trace-to-attached latencies of the next *count* configurations the daemon
+    mirrors, from its ``VNET_RSS_CHANGED`` events."""
+    latencies: list[float] = []
+
+    async def changed() -> None:
+        while len(latencies) < count:
+            event = await monitor.events.get()
+            if event["event"] in FAILURE_EVENTS:
+                raise MirrorBenchError(f"the daemon published {event['event']}: "
+                                       f"{event.get('data')}")
+            latency = event.get("data", {}).get("latency-ms")
+            if event["event"] == "VNET_RSS_CHANGED" and latency is not None:
+                latencies.append(latency)
+    try:
+        await asyncio.wait_for(changed(), EVENT_TIMEOUT)
+    except TimeoutError:
+        raise MirrorBenchError(
+            f"the daemon mirrored {len(latencies)} of {count} changes within "
+            f"{EVENT_TIMEOUT:g} s (mirror: {daemon.mirror.status})") from None
+    return latencies
+
+
+async def wait_attached(daemon: Daemon, monitor: QMPClient) -> None:
+    """Wait, on the daemon's events, for its first sync to attach the program."""
+    async def attached() -> None:
+        while not daemon.mirror.status.attached:
+            await monitor.events.get()
+    try:
+        await asyncio.wait_for(attached(), EVENT_TIMEOUT)
+    except TimeoutError:
+        raise MirrorBenchError(f"the daemon did not attach its program within {EVENT_TIMEOUT:g} "
+                               f"s: {daemon.mirror.status}") from None
+
+
+@contextlib.asynccontextmanager
+async def serving_daemon(guest: Guest, scratch: Path) -> AsyncIterator[tuple[Daemon, QMPClient]]:
+    """The daemon attached to *guest* and serving, with a client on its monitor."""
+    monitor_path = scratch / "monitor.sock"
+    async with runner.attached(guest.qmp_socket, guest.tap_name, scratch / "run",
+                               monitor_path) as daemon:
+        serving = asyncio.create_task(daemon.serve())
+        monitor = QMPClient("bench-mirror")
+        try:
+            await monitor.connect(str(monitor_path))
+            try:
+                yield daemon, monitor
+            finally:
+                await monitor.disconnect()
+        finally:
+            daemon.request_stop("benchmark over")
+            await serving
+
+
+async def _run(args: argparse.Namespace) -> dict[str, object]:
+    if args.per_call < 1:
+        raise MirrorBenchError(f"--per-call must be at least 1, got {args.per_call}")
+    options = GuestOptions(queues=args.queues, extra_args=("-msg", "timestamp=on"))
+    with tempfile.TemporaryDirectory(prefix=f"vnet-bench-mirror-{os.getpid()}-") as scratch:
+        async with boot_guest(options) as guest:
+            # With rxhash on the driver has sent its first RSS command: the program attaches.
+            await GuestRss(guest.agent).enable_rxhash()
+            async with serving_daemon(guest, Path(scratch)) as (daemon, monitor):
+                await wait_attached(daemon, monitor)
+                status = daemon.mirror.status
+                changes_before, syncs_before = status.changes, status.syncs
+                latencies: list[float] = []
+                started = time.perf_counter()
+                for first in range(0, args.changes, args.per_call):
+                    batch = range(first, min(first + args.per_call, args.changes))
+                    await guest.agent.check("; ".join(rxfh_command(i, args.queues) for i in batch))
+                    latencies += await next_latencies(daemon, monitor, len(batch))
+                elapsed = time.perf_counter() - started
+                mirrored = status.changes - changes_before
+                if mirrored != args.changes or status.refused:
+                    raise MirrorBenchError(f"{args.changes} changes, but the mirror counted "
+                                           f"{mirrored} and refused {status.refused}")
+                syncs = status.syncs - syncs_before
+    return {
+        "benchmark": "mirror",
+        "queues": args.queues,
+        "boot_s": round(guest.boot_seconds, 2),
+        "changes": len(latencies),
+        "per_call": args.per_call,
+        "p50_ms": round(percentile(latencies, 0.50), 3),
+        "p90_ms": round(percentile(latencies, 0.90), 3),
+        "p99_ms": round(percentile(latencies, 0.99), 3),
+        "min_ms": round(min(latencies), 3),
+        "max_ms": round(max(latencies), 3),
+        "mean_ms": round(statistics.fmean(latencies), 3),
+        "changes_per_s": round(len(latencies) / elapsed, 1),
+        "syncs": syncs,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    return asyncio.run(_run(args))
