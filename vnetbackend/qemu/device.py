@@ -7,7 +7,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
 from qemu.qmp import QMPClient
 
 from vnetbackend.qemu.snapshot import RssState, device_rss_state
@@ -50,8 +49,9 @@ async def read_rss_state(qmp: QMPClient, device: NetDevice) -> RssState | None:
     path = Path(name)
     try:
         await qmp.execute("xen-save-devices-state", {"filename": str(path), "live": False})
-        async with aiofiles.open(path, "rb") as saved:
-            stream = await saved.read()
+        # Read in place: ~90 KB from a memory-backed file takes microseconds, while the
+        # three thread-pool hops of an async read cost ~1 ms on the mirror's path.
+        stream = path.read_bytes()
     finally:
         path.unlink(missing_ok=True)
     return device_rss_state(stream, device.pci_address)
