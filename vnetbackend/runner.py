@@ -4,7 +4,8 @@
 and hands them to QEMU (QEMU then needs neither CAP_NET_ADMIN nor CAP_BPF), adds the
 virtio-net device with RSS and hash reports offered, a QMP monitor on a socket it
 listens on before QEMU starts, and the RSS trace events. QEMU's monitor socket stays in
-the run directory, so a daemon started again later can ``attach`` to the same QEMU.
+the run directory, so a daemon started again later can ``attach`` to the same QEMU;
+QEMU's own output goes to ``qemu.log`` there.
 
 ``attach`` connects to a QEMU's QMP socket, switches its RSS trace events on (or, if
 that fails, follows the control queue instead) and takes over the steering of its tap.
@@ -39,6 +40,7 @@ NETDEV_ID = "vnet0-tap"
 QMP_SOCKET = "qemu-qmp.sock"
 MONITOR_SOCKET = "monitor.sock"
 TRACE_LOG = "rss-trace.log"
+QEMU_LOG = "qemu.log"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,12 @@ def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int,
         "-mon", "chardev=vnetbackend-qmp,mode=control",
         "-trace", TRACE_EVENTS, "-D", str(trace_log), "-msg", "timestamp=on",
     ]
+
+
+async def _disconnect(qmp: QMPClient) -> None:
+    """Close the QMP connection; QEMU may be gone already (qemu.qmp re-raises its EOF)."""
+    with contextlib.suppress(EOFError, ConnectionError):
+        await qmp.disconnect()
 
 
 async def _exit_reason(process: asyncio.subprocess.Process) -> str:
@@ -158,9 +166,12 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
     listener = _listen(options.run_dir / QMP_SOCKET)
     try:
         argv = qemu_argv(options, queue_fds, listener.fileno(), trace_log)
-        log.info("starting %s", " ".join(argv))
-        process = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=(*queue_fds, listener.fileno(), *options.pass_fds))
+        qemu_log = options.run_dir / QEMU_LOG
+        log.info("starting %s (its output goes to %s)", " ".join(argv), qemu_log)
+        with qemu_log.open("wb") as output:
+            process = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(*queue_fds, listener.fileno(), *options.pass_fds),
+                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output)
     except BaseException:
         os.close(control_fd)
         raise
@@ -176,7 +187,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
                      control_fd=control_fd, trace_log=trace_log, publish=publish,
                      qemu_exited=_exit_reason(process), qemu_pid=process.pid)
     finally:
-        await qmp.disconnect()
+        await _disconnect(qmp)
         await _stop_qemu(process)
 
 
@@ -221,4 +232,4 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
         finally:
             program.close()
     finally:
-        await qmp.disconnect()
+        await _disconnect(qmp)

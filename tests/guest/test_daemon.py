@@ -156,6 +156,12 @@ async def test_monitor_refuses_bad_arguments_and_keeps_serving(tmp_path: Path) -
 # -- vnetbackend run, as a separate process ----------------------------------------------
 
 
+async def disconnect_after_shutdown(client: QMPClient) -> None:
+    """Disconnect from a monitor whose daemon is gone (qemu.qmp re-raises the EOF)."""
+    with contextlib.suppress(EOFError, ConnectionResetError):
+        await client.disconnect()
+
+
 class DaemonProcess:
     """``vnetbackend`` as a child process; its log lines are collected as they come."""
 
@@ -199,10 +205,13 @@ class DaemonProcess:
         return self.process.returncode or 0, "".join(self.log)
 
     async def kill(self) -> None:
+        """SIGKILL; a QEMU it started keeps its stderr open, so stop reading it here."""
         if self.process.returncode is None:
             self.process.kill()
         await self.process.wait()
-        await self._reading
+        self._reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reading
 
 
 @dataclass
@@ -268,7 +277,7 @@ async def test_run_mirrors_and_a_restarted_daemon_recovers(tmp_path: Path) -> No
             ["VIRTIO_NET_F_CTRL_VQ", "VIRTIO_NET_F_HASH_REPORT", "VIRTIO_NET_F_MQ",
              "VIRTIO_NET_F_RSS"])
         await running.daemon.kill()
-        await running.monitor.disconnect()
+        await disconnect_after_shutdown(running.monitor)
         assert tap.tap_exists(running.tap_name), "a killed daemon cannot clean up"
 
         monitor_path = tmp_path / "second.sock"
@@ -282,7 +291,7 @@ async def test_run_mirrors_and_a_restarted_daemon_recovers(tmp_path: Path) -> No
             assert status["steering"]["attached"]
             await asyncio.to_thread(tap.delete_tap, running.tap_name)
             code, log = await second.finish()
-            await client.disconnect()
+            await disconnect_after_shutdown(client)
         finally:
             await second.kill()
         assert code == 4
@@ -302,7 +311,7 @@ async def test_run_ends_cleanly(tmp_path: Path, ending: str) -> None:
         else:
             await asyncio.to_thread(tap.delete_tap, running.tap_name)
         code, err = await running.daemon.finish()
-        await running.monitor.disconnect()
+        await disconnect_after_shutdown(running.monitor)
         expected = {"sigterm": (0, ""), "quit-qemu": (3, "QEMU exited with status 0"),
                     "kill-qemu": (3, "QEMU was killed by signal 9"),
                     "delete-tap": (4, f"tap {running.tap_name} was deleted")}[ending]
