@@ -94,6 +94,12 @@ def _cmd_attach(args: argparse.Namespace) -> int:
         args.device_id)))
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vnetbackend import demo  # the demo pulls in the test bed; load it only for this
+
+    return demo.main(args.queues, args.per_class, args.json)
+
+
 def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str) -> None:
     parser.add_argument("--tap", required=True, help=tap_help)
     parser.add_argument("--run-dir", type=Path,
@@ -141,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--device-id", default=runner.DEVICE_ID,
                         help="qdev id of the virtio-net device (default: %(default)s)")
     attach.set_defaults(handler=_cmd_attach)
+
+    demo = commands.add_parser(
+        "demo", help="the prototype end to end on the test guest: negotiation, live RSS "
+                     "changes, a traffic mix and the three-way hash check")
+    demo.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    demo.add_argument("--queues", type=int, default=4, choices=range(2, 9), metavar="2..8",
+                      help="queue pairs (default: %(default)s)")
+    demo.add_argument("--per-class", type=int, default=2, metavar="N",
+                      help="frames of each class per configuration (default: %(default)s)")
+    demo.set_defaults(handler=_cmd_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="benchmark", required=True)

@@ -87,7 +87,8 @@ class Daemon:
     """The running parts for one device. Build with `Daemon.start`; run with `serve`.
 
     *trace_log* is the file QEMU writes its RSS trace events to; None means trace events
-    are unavailable and the control queue's index is polled instead.
+    are unavailable and the control queue's index is polled instead. ``negotiated`` is
+    set while the guest's driver has completed feature negotiation.
     """
 
     qmp: QMPClient
@@ -104,6 +105,7 @@ class Daemon:
     checker: HashChecker = field(init=False)
     ending: Ending | None = None
     ending_reason: str = ""
+    negotiated: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     mirror: Mirror = field(init=False)
 
@@ -195,6 +197,10 @@ class Daemon:
         now = NegotiationStatus(features.offered, features.negotiated, features.features_ok,
                                 features.driver_ok)
         self.negotiation = now
+        if now.features_ok:
+            self.negotiated.set()
+        else:
+            self.negotiated.clear()
         if now.features_ok and (not before.features_ok or now.negotiated != before.negotiated):
             view = now.view()
             if set(WANTED_FEATURES) - now.negotiated:
