@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,9 +22,9 @@ from tests.prereq import need_bcc
 from vnetbackend import runner, tap
 from vnetbackend.qemu.launch import MACHINE_CONFIG
 from vnetbackend.rss import RssConfig
-from vnetbackend.steering.reports import Report
+from vnetbackend.steering.reports import Report, collect_reports
 from vnetbackend.testbed.agent import GuestAgent
-from vnetbackend.testbed.batch import check_batch, report
+from vnetbackend.testbed.batch import check_batch, observe_batch, report
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest, unique_tap_name
 from vnetbackend.testbed.image import find_guest_image
@@ -320,3 +321,50 @@ async def test_run_ends_cleanly(tmp_path: Path, ending: str) -> None:
         assert not tap.tap_exists(running.tap_name)
         with pytest.raises(ProcessLookupError):
             os.kill(status["qemu-pid"], 0)
+
+
+async def test_a_skewed_map_is_caught_frame_by_frame(tmp_path: Path) -> None:
+    async with attached_guest(tmp_path) as bed:
+        await bed.rss.set_rxfh(key=bytes(range(11, 51)), equal=4)
+        guest_config = await bed.rss.read_config()
+        await wait_mirrored(bed.monitor, guest_config)
+        config = bed.daemon.mirror.status.rss
+        program = bed.daemon.program
+        for index, queue in enumerate(config.indirection_table):
+            program.skew_indirection_entry(index, (queue + 1) % config.queues)
+        program.set_reports(1)
+        reader = program.reports()
+        reader.drain()
+        probes = make_batch(bed.guest.mac, per_class=1, seed=7)
+        records = await observe_batch(bed.guest.tap_name, bed.observer, probes)
+        reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
+        bed.daemon.checker.check(config, [(p.frame_class, p.frame) for p in probes], reports,
+                                 records)
+        hashed = {p.frame.hex() for p in probes if config.steer(p.frame).report.value}
+        named = set()
+        while len(named) < len(hashed):
+            event = await asyncio.wait_for(bed.monitor.events.get(), EVENT_TIMEOUT)
+            if event["event"] == "VNET_HASH_MISMATCH":
+                assert "kernel differs from the specification" in event["data"]["reason"]
+                named.add(event["data"]["frame"])
+        assert named == hashed
+        summary = await bed.monitor.execute("query-vnet-check")
+        assert summary["disagreed"] == len(hashed)
+        assert summary["frames"] == len(probes) and summary["unmatched"] == 0
+
+
+async def test_demo_exits_0_with_every_frame_accounted_for() -> None:
+    need_guest()
+    need_bcc()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vnetbackend.cli", "demo", "--json", "--per-class", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 600)
+    assert process.returncode == 0, err.decode()[-3000:]
+    result = json.loads(out)
+    assert {"VIRTIO_NET_F_RSS", "VIRTIO_NET_F_HASH_REPORT"} <= set(result["negotiated"])
+    assert result["frames"] == result["agreed"] + result["departures"] > 0
+    assert (result["disagreed"], result["unmatched"], result["unmatched-reports"]) == (0, 0, 0)
+    assert result["departures"] > 0, "the documented QEMU departures should show"
+    assert {"ipv4_tcp", "ipv6_udp", "vlan_ipv4_tcp", "arp"} <= set(result["classes"])
+    assert b"configuration 5/5" in err
