@@ -50,3 +50,11 @@ def test_bench_reference_prints_figures() -> None:
     figures = json.loads(done.stdout)
     assert set(figures["cases"]) >= {"ipv4_tcp", "ipv6_udp"}
     assert all(case["frames_per_s"] > 0 for case in figures["cases"].values())
+
+
+def test_bench_check_prints_figures() -> None:
+    done = run("bench", "check", "--json", "--reports", "2000")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["reports"] >= 2000 - figures["batch"] and figures["reports_per_s"] > 0
+    assert (figures["disagreed"], figures["unmatched"]) == (0, 0)

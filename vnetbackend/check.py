@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vnetbackend.mirror import describe
-from vnetbackend.qemu.departures import DEPARTURES, Departure, expectation
-from vnetbackend.rss import RssConfig, Steering
+from vnetbackend.qemu.departures import DEPARTURES, Departure, find_departure
+from vnetbackend.rss import RssConfig, Steering, parse_frame
 from vnetbackend.steering.reports import Report
 
 ETH_HEADER = 14
@@ -80,8 +80,14 @@ class Tally:
 
     def add(self, outcome: Outcome) -> None:
         self.frames += 1
-        key = outcome.value
-        setattr(self, key, getattr(self, key) + 1)
+        if outcome is Outcome.AGREED:
+            self.agreed += 1
+        elif outcome is Outcome.DISAGREED:
+            self.disagreed += 1
+        elif outcome is Outcome.DEPARTURE:
+            self.departures += 1
+        else:
+            self.unmatched += 1
 
 
 def _model_view(model: Steering) -> dict[str, Any]:
@@ -139,32 +145,34 @@ class HashChecker:
 
     def _judge(self, config: RssConfig, frame_class: str, frame: bytes,
                kernel: list[Report], guest: list[GuestRecord]) -> Verdict:
-        model = config.steer(frame)
-        expected = expectation(config, frame, self.departures)
+        parsed = parse_frame(frame)
+        model = config.steer_parsed(parsed)
+        found = find_departure(config, frame, parsed, self.departures)
+        departure = found.name if found else None
+        seen_model = (model.hash, model.report.is_l4, model.queue)
+        expected = seen_model
+        if found:
+            qemu = found.qemu_steer(config, frame)
+            expected = (qemu.hash, qemu.report.is_l4, qemu.queue)
         one_report = kernel[0] if len(kernel) == 1 else None
         one_record = guest[0] if len(guest) == 1 else None
-        departure = expected.departure
-
-        def verdict(outcome: Outcome, reason: str = "") -> Verdict:
-            return Verdict(frame_class, frame, model, one_report, one_record, departure,
-                           outcome, reason)
-
+        outcome, reason = Outcome.AGREED, ""
         if one_report is None or one_record is None:
-            return verdict(Outcome.UNMATCHED, f"{len(kernel)} reports, {len(guest)} guest "
-                                              "records")
-        reasons = []
-        if (one_report.hash, one_report.report, one_report.queue) != model[:3]:
-            reasons.append("kernel differs from the specification")
-        if (one_record.hash, one_record.l4_hash, one_record.queue) != (
-                expected.hash, expected.l4_hash, expected.queue):
-            reasons.append("guest differs from the " + (
-                f"documented departure {departure}" if departure else "specification"))
-        if reasons:
-            return verdict(Outcome.DISAGREED, "; ".join(reasons))
-        if departure and (expected.hash, expected.l4_hash, expected.queue) != (
-                model.hash, model.report.is_l4, model.queue):
-            return verdict(Outcome.DEPARTURE)
-        return verdict(Outcome.AGREED)
+            outcome = Outcome.UNMATCHED
+            reason = f"{len(kernel)} reports, {len(guest)} guest records"
+        else:
+            reasons = []
+            if (one_report.hash, one_report.report, one_report.queue) != model[:3]:
+                reasons.append("kernel differs from the specification")
+            if (one_record.hash, one_record.l4_hash, one_record.queue) != expected:
+                reasons.append("guest differs from the " + (
+                    f"documented departure {departure}" if departure else "specification"))
+            if reasons:
+                outcome, reason = Outcome.DISAGREED, "; ".join(reasons)
+            elif expected != seen_model:
+                outcome = Outcome.DEPARTURE
+        return Verdict(frame_class, frame, model, one_report, one_record, departure, outcome,
+                       reason)
 
     @staticmethod
     def _event(config: RssConfig, verdict: Verdict) -> dict[str, Any]:

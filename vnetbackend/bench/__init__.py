@@ -6,6 +6,7 @@ Each benchmark is a module here with ``add_arguments(parser)`` and
 
 BENCHMARKS = {
     "reference": "vnetbackend.bench.reference",
+    "check": "vnetbackend.bench.check",
     "steering": "vnetbackend.bench.steering",
     "guest": "vnetbackend.bench.guest",
     "mirror": "vnetbackend.bench.mirror",

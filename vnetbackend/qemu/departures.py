@@ -20,6 +20,7 @@ Not reachable from a Linux guest: the ``_EX`` hash types (its driver never sets 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from vnetbackend.rss.frame import (
     IPPROTO_UDP,
     IPV6_EXT_HEADERS,
     MAX_EXT_HEADERS,
+    ParsedFrame,
     parse_frame,
 )
 
@@ -64,8 +66,12 @@ class _Chain:
     l4_offset: int
 
 
+@functools.lru_cache(maxsize=256)
 def _qemu_chain(frame: bytes) -> _Chain | None:
-    """QEMU's walk: every extension header's length is (byte 1 + 1) * 8, AH included."""
+    """QEMU's walk: every extension header's length is (byte 1 + 1) * 8, AH included.
+
+    Cached: each departure's predicate and steering walk the same frame again.
+    """
     parsed = parse_frame(frame)
     if parsed.ip_version != 6 or int.from_bytes(frame[12:14], "big") != ETH_P_IPV6:
         return None
@@ -223,11 +229,27 @@ class Expectation:
         return f"queue {self.queue} hash 0x{self.hash:08x} l4 {int(self.l4_hash)}{how}"
 
 
+def may_depart(parsed: ParsedFrame) -> bool:
+    """Whether any departure here can concern the frame: all are about IPv6 extension
+    headers, so other frames need not be tried against each predicate."""
+    return parsed.ip_version == 6 and parsed.has_ext_headers
+
+
+def find_departure(config: RssConfig, frame: bytes, parsed: ParsedFrame,
+                   departures: Sequence[Departure] = DEPARTURES) -> Departure | None:
+    """The departure that concerns *frame* (read as *parsed*), if any."""
+    if may_depart(parsed):
+        for departure in departures:
+            if departure.applies(config, frame):
+                return departure
+    return None
+
+
 def expectation(config: RssConfig, frame: bytes,
                 departures: Sequence[Departure] = DEPARTURES) -> Expectation:
     """The model's steering for *frame*, or a matching departure's account of QEMU's."""
-    for departure in departures:
-        if departure.applies(config, frame):
-            return Expectation.from_steering(departure.qemu_steer(config, frame),
-                                             departure.name)
-    return Expectation.from_steering(config.steer(frame))
+    parsed = parse_frame(frame)
+    departure = find_departure(config, frame, parsed, departures)
+    if departure is not None:
+        return Expectation.from_steering(departure.qemu_steer(config, frame), departure.name)
+    return Expectation.from_steering(config.steer_parsed(parsed))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from vnetbackend.rss.frame import parse_frame, select_hash_input
+from vnetbackend.rss.frame import ParsedFrame, parse_frame, select_hash_input
 from vnetbackend.rss.toeplitz import ByteTables, hash_with_tables, tables_for
 from vnetbackend.rss.types import (
     ALL_HASH_TYPES,
@@ -74,7 +74,11 @@ class RssConfig:
 
     def steer(self, frame: bytes) -> Steering:
         """Hash, report type and receive queue for *frame*; never raises."""
-        report, data = select_hash_input(parse_frame(frame), self.hash_types)
+        return self.steer_parsed(parse_frame(frame))
+
+    def steer_parsed(self, parsed: ParsedFrame) -> Steering:
+        """`steer` for a frame already read with `parse_frame`."""
+        report, data = select_hash_input(parsed, self.hash_types)
         if report is HashReport.NONE:
             return Steering(0, report, self.unclassified_queue, data)
         value = hash_with_tables(self._tables, data)

@@ -191,26 +191,26 @@ def parse_frame(frame: bytes) -> ParsedFrame:
 
 
 _V4_RULES = (
-    (IPPROTO_TCP, HashType.TCPV4, HashReport.TCPV4),
-    (IPPROTO_UDP, HashType.UDPV4, HashReport.UDPV4),
-    (0, HashType.IPV4, HashReport.IPV4),
+    (IPPROTO_TCP, int(HashType.TCPV4), HashReport.TCPV4),
+    (IPPROTO_UDP, int(HashType.UDPV4), HashReport.UDPV4),
+    (0, int(HashType.IPV4), HashReport.IPV4),
 )
 _V6_RULES = (
-    (IPPROTO_TCP, HashType.TCPV6, HashReport.TCPV6),
-    (IPPROTO_UDP, HashType.UDPV6, HashReport.UDPV6),
-    (0, HashType.IPV6, HashReport.IPV6),
+    (IPPROTO_TCP, int(HashType.TCPV6), HashReport.TCPV6),
+    (IPPROTO_UDP, int(HashType.UDPV6), HashReport.UDPV6),
+    (0, int(HashType.IPV6), HashReport.IPV6),
 )
 _V6_EX_RULES = (
-    (IPPROTO_TCP, HashType.TCP_EX, HashReport.TCPV6_EX),
-    (IPPROTO_UDP, HashType.UDP_EX, HashReport.UDPV6_EX),
-    (0, HashType.IP_EX, HashReport.IPV6_EX),
+    (IPPROTO_TCP, int(HashType.TCP_EX), HashReport.TCPV6_EX),
+    (IPPROTO_UDP, int(HashType.UDP_EX), HashReport.UDPV6_EX),
+    (0, int(HashType.IP_EX), HashReport.IPV6_EX),
 )
 
 NO_HASH: tuple[HashReport, bytes] = (HashReport.NONE, b"")
 
 
 def _first_rule(
-    parsed: ParsedFrame, rules: tuple[tuple[int, HashType, HashReport], ...],
+    parsed: ParsedFrame, rules: tuple[tuple[int, int, HashReport], ...],
     hash_types: int, src: bytes, dst: bytes,
 ) -> tuple[HashReport, bytes] | None:
     for proto, enabling_type, report in rules:
@@ -225,6 +225,7 @@ def _first_rule(
 
 def select_hash_input(parsed: ParsedFrame, hash_types: int) -> tuple[HashReport, bytes]:
     """The report type and the bytes to hash for *parsed* under the enabled *hash_types*."""
+    hash_types = int(hash_types)  # plain int: flag-enum arithmetic is slow on this path
     if parsed.ip_version == 4:
         return _first_rule(parsed, _V4_RULES, hash_types, parsed.src, parsed.dst) or NO_HASH
     if parsed.ip_version == 6:
