@@ -39,7 +39,7 @@ from vnetbackend.qemu.features import (
     VirtioFeatures,
     query_features,
 )
-from vnetbackend.qemu.follower import TraceFollower, control_queue_commits
+from vnetbackend.qemu.follower import RssTraceEvent, TraceFollower, control_queue_commits
 from vnetbackend.steering.program import SteeringProgram
 
 log = logging.getLogger("vnetbackend.daemon")
@@ -176,7 +176,7 @@ class Daemon:
             await self.mirror.sync()
             async for _ in control_queue_commits(self.qmp, self.device.virtio_path,
                                                  2 * self.queues):
-                await self.mirror.sync()
+                await self._change_noticed(None)
             return
         async with TraceFollower(self.trace_log) as events:
             await self.mirror.sync()
@@ -184,7 +184,12 @@ class Daemon:
                 if event.kind == "error":
                     self.publish("VNET_GUEST_RSS_REJECTED", {"qemu-says": event.detail})
                     continue
-                await self.mirror.sync(event)
+                await self._change_noticed(event)
+
+    async def _change_noticed(self, event: RssTraceEvent | None) -> None:
+        await self.mirror.sync(event)
+        # A control command means the driver is up: have its features current too.
+        self._note_features(await query_features(self.qmp, self.device.virtio_path))
 
     async def _watch_negotiation(self) -> None:
         while True:

@@ -69,9 +69,10 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int,
-              trace_log: Path) -> list[str]:
-    """QEMU's command line: the user's arguments plus the tap, the device, QMP, tracing."""
+def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int) -> list[str]:
+    """QEMU's command line: the user's arguments plus the tap, the device, QMP and trace
+    timestamps. The trace events themselves are switched on over QMP (`_enable_trace`),
+    as for a QEMU the daemon attaches to, so both ways follow the guest alike."""
     n = options.queues
     device = [f"virtio-net-pci,id={DEVICE_ID},netdev={NETDEV_ID},mq=on,rss=on,hash=on,"
               f"vectors={2 * n + 2}"]
@@ -82,8 +83,7 @@ def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int,
         "-netdev", f"tap,id={NETDEV_ID},fds={':'.join(map(str, queue_fds))},vhost=off",
         "-device", *device,
         "-chardev", f"socket,id=vnetbackend-qmp,fd={qmp_fd},server=on,wait=off",
-        "-mon", "chardev=vnetbackend-qmp,mode=control",
-        "-trace", TRACE_EVENTS, "-D", str(trace_log), "-msg", "timestamp=on",
+        "-mon", "chardev=vnetbackend-qmp,mode=control", "-msg", "timestamp=on",
     ]
 
 
@@ -165,7 +165,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
     control_fd = tap.open_control_queue(options.tap_name)
     listener = _listen(options.run_dir / QMP_SOCKET)
     try:
-        argv = qemu_argv(options, queue_fds, listener.fileno(), trace_log)
+        argv = qemu_argv(options, queue_fds, listener.fileno())
         qemu_log = options.run_dir / QEMU_LOG
         log.info("starting %s (its output goes to %s)", " ".join(argv), qemu_log)
         with qemu_log.open("wb") as output:
@@ -182,9 +182,11 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
     qmp = QMPClient("vnetbackend")
     try:
         await qmp.connect(str(options.run_dir / QMP_SOCKET))
+        traced = await _enable_trace(qmp, trace_log)
         yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
                      tap_name=options.tap_name, queues=options.queues, program=program,
-                     control_fd=control_fd, trace_log=trace_log, publish=publish,
+                     control_fd=control_fd, trace_log=trace_log if traced else None,
+                     publish=publish,
                      qemu_exited=_exit_reason(process), qemu_pid=process.pid)
     finally:
         await _disconnect(qmp)
