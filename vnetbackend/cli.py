@@ -91,7 +91,7 @@ def _cmd_attach(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     return _finish(*asyncio.run(runner.attach(
         args.qmp, args.tap, run_dir, args.monitor or run_dir / MONITOR_SOCKET,
-        args.device_id)))
+        args.device_id, not args.poll_control_queue)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--qmp", type=Path, required=True, help="QEMU's QMP socket")
     attach.add_argument("--device-id", default=runner.DEVICE_ID,
                         help="qdev id of the virtio-net device (default: %(default)s)")
+    attach.add_argument("--poll-control-queue", action="store_true",
+                        help="follow the guest's control queue instead of QEMU's trace events")
     attach.set_defaults(handler=_cmd_attach)
 
     demo = commands.add_parser(

@@ -132,9 +132,10 @@ def run(options: RunOptions) -> Awaitable[tuple[Ending, str]]:
 
 
 def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
-           device_id: str = DEVICE_ID) -> Awaitable[tuple[Ending, str]]:
+           device_id: str = DEVICE_ID, use_trace: bool = True,
+           ) -> Awaitable[tuple[Ending, str]]:
     """Mirror the guest of an already running QEMU until something ends it."""
-    return _serve(attached(qmp_path, tap_name, run_dir, monitor_path, device_id))
+    return _serve(attached(qmp_path, tap_name, run_dir, monitor_path, device_id, use_trace))
 
 
 @contextlib.asynccontextmanager
@@ -210,8 +211,12 @@ async def _enable_trace(qmp: QMPClient, trace_log: Path) -> bool:
 
 @contextlib.asynccontextmanager
 async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
-                   device_id: str = DEVICE_ID) -> AsyncIterator[Daemon]:
-    """A daemon next to the QEMU at *qmp_path*, its monitor listening; `Daemon.serve` it."""
+                   device_id: str = DEVICE_ID, use_trace: bool = True,
+                   ) -> AsyncIterator[Daemon]:
+    """A daemon next to the QEMU at *qmp_path*, its monitor listening; `Daemon.serve` it.
+
+    Without *use_trace* it follows the control queue's index instead of trace events.
+    """
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     trace_log = run_dir / TRACE_LOG
     trace_log.write_bytes(b"")
@@ -224,7 +229,7 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
         program = await asyncio.to_thread(SteeringProgram)
         try:
             control_fd = tap.open_control_queue(tap_name)
-            traced = await _enable_trace(qmp, trace_log)
+            traced = use_trace and await _enable_trace(qmp, trace_log)
             monitor = QmpServer(monitor_path, version_info())
             daemon = Daemon(qmp=qmp, device=device, tap_name=tap_name, queues=queues,
                             program=program, control_fd=control_fd,

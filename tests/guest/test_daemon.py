@@ -65,7 +65,7 @@ class Attached:
 
 
 @contextlib.asynccontextmanager
-async def attached_guest(tmp_path: Path) -> AsyncIterator[Attached]:
+async def attached_guest(tmp_path: Path, use_trace: bool = True) -> AsyncIterator[Attached]:
     need_guest()
     need_bcc()
     options = GuestOptions(queues=4, extra_args=("-msg", "timestamp=on"))
@@ -77,7 +77,7 @@ async def attached_guest(tmp_path: Path) -> AsyncIterator[Attached]:
         await observer.start()
         monitor_path = tmp_path / "monitor.sock"
         async with runner.attached(guest.qmp_socket, guest.tap_name, tmp_path / "run",
-                                   monitor_path) as daemon:
+                                   monitor_path, use_trace=use_trace) as daemon:
             serving = asyncio.create_task(daemon.serve())
             client = QMPClient("test")
             await client.connect(str(monitor_path))
@@ -131,6 +131,16 @@ async def test_mirror_follows_every_guest_change(tmp_path: Path) -> None:
             await check_traffic(bed, guest_config, seed)
         assert status["mirror"]["refused"] == 0
         assert status["mirror"]["last-latency-ms"] is not None
+
+
+async def test_without_trace_events_the_control_queue_is_followed(tmp_path: Path) -> None:
+    async with attached_guest(tmp_path, use_trace=False) as bed:
+        status = await bed.monitor.execute("query-vnet")
+        assert status["mirror"]["following"] == "control-queue"
+        for key in (bytes(range(5, 45)), bytes(range(9, 49))):
+            await bed.rss.set_rxfh(key=key, equal=3)
+            status = await wait_mirrored(bed.monitor, await bed.rss.read_config())
+            assert status["steering"]["attached"]
 
 
 async def test_monitor_refuses_bad_arguments_and_keeps_serving(tmp_path: Path) -> None:
