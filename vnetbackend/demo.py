@@ -26,7 +26,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from vnetbackend import runner
-from vnetbackend.check import Outcome as Result
+from vnetbackend.check import Outcome
 from vnetbackend.daemon import Daemon
 from vnetbackend.qemu.launch import MACHINE_CONFIG
 from vnetbackend.rss import RssConfig
@@ -89,7 +89,7 @@ class StepResult:
 
 
 @dataclass
-class Outcome:
+class DemoResult:
     negotiated: list[str] = field(default_factory=list)
     steps: list[StepResult] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -164,8 +164,8 @@ async def _mirrored(client: QMPClient, guest: RssConfig) -> dict[str, Any]:
     return await asyncio.wait_for(settled(), STEP_TIMEOUT)
 
 
-async def _run(queues: int, per_class: int, work: Path) -> Outcome:
-    outcome = Outcome()
+async def _run(queues: int, per_class: int, work: Path) -> DemoResult:
+    outcome = DemoResult()
     async with _guest_under_daemon(queues, work) as (daemon, agent, client):
         await asyncio.wait_for(daemon.negotiated.wait(), STEP_TIMEOUT)
         outcome.negotiated = daemon.negotiation.view()["negotiated"]
@@ -192,10 +192,10 @@ async def _run(queues: int, per_class: int, work: Path) -> Outcome:
             verdicts = daemon.checker.check(config, [(p.frame_class, p.frame) for p in probes],
                                             reports, records)
             for verdict in verdicts:
-                if verdict.outcome in (Result.DISAGREED, Result.UNMATCHED):
+                if verdict.outcome in (Outcome.DISAGREED, Outcome.UNMATCHED):
                     progress(f"  {verdict.outcome.value} {verdict.frame_class}: "
                              f"{verdict.reason}; frame {verdict.frame.hex()}")
-            bad = sum(v.outcome in (Result.DISAGREED, Result.UNMATCHED) for v in verdicts)
+            bad = sum(v.outcome in (Outcome.DISAGREED, Outcome.UNMATCHED) for v in verdicts)
             progress(f"  {len(probes)} frames checked, {bad} disagreed or unmatched, mirror "
                      f"latency {status['mirror']['last-latency-ms']} ms")
             outcome.steps.append(StepResult(name, len(probes),
@@ -204,7 +204,7 @@ async def _run(queues: int, per_class: int, work: Path) -> Outcome:
     return outcome
 
 
-def render_table(outcome: Outcome) -> str:
+def render_table(outcome: DemoResult) -> str:
     """The per-class table and the per-configuration mirror latencies, as text."""
     columns = ("frames", "agreed", "departures", "disagreed", "unmatched")
     width = max([len("frame class"), *map(len, outcome.summary["classes"])])
