@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +27,7 @@ from qemu.qmp import QMPClient
 from vnetbackend import runner
 from vnetbackend.check import Outcome
 from vnetbackend.daemon import Daemon
-from vnetbackend.qemu.launch import MACHINE_CONFIG
+from vnetbackend.qemu.launch import MACHINE_CONFIG, listen_unix
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import collect_reports
 from vnetbackend.testbed.agent import GuestAgent
@@ -111,9 +110,7 @@ async def _guest_under_daemon(queues: int, work: Path) -> AsyncIterator[tuple[Da
     if image is None:
         raise SystemExit("demo: no test guest image; run scripts/build-guest (or scripts/demo)")
     agent_path = work / "agent.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(agent_path))
-    listener.listen(1)
+    listener = listen_unix(agent_path)
     fd = listener.fileno()
     options = runner.RunOptions(
         qemu_args=("-readconfig", str(MACHINE_CONFIG), "-smp", str(queues), "-nodefaults",

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from vnetbackend import tap
 from vnetbackend.daemon import TRACE_EVENTS, Daemon, Ending
 from vnetbackend.monitor import register_commands, version_info
 from vnetbackend.qemu.device import find_net_device
-from vnetbackend.qemu.launch import QEMU_BINARY
+from vnetbackend.qemu.launch import QEMU_BINARY, listen_unix, stop_process
 from vnetbackend.qmp_server import QmpServer
 from vnetbackend.steering.program import SteeringProgram
 
@@ -41,6 +40,7 @@ QMP_SOCKET = "qemu-qmp.sock"
 MONITOR_SOCKET = "monitor.sock"
 TRACE_LOG = "rss-trace.log"
 QEMU_LOG = "qemu.log"
+QEMU_STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +58,6 @@ class RunOptions:
     mac: str | None = None
     pass_fds: tuple[int, ...] = ()
     qemu_binary: str = QEMU_BINARY
-
-
-def _listen(path: Path) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    sock.listen(1)
-    return sock
 
 
 def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int) -> list[str]:
@@ -98,19 +89,6 @@ async def _exit_reason(process: asyncio.subprocess.Process) -> str:
     if status < 0:
         return f"QEMU was killed by signal {-status}"
     return f"QEMU exited with status {status}"
-
-
-async def _stop_qemu(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
-    try:
-        await asyncio.wait_for(process.wait(), grace)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
 
 
 @contextlib.asynccontextmanager
@@ -164,7 +142,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
                          ) -> AsyncIterator[Daemon]:
     queue_fds = [tap.open_queue(options.tap_name) for _ in range(options.queues)]
     control_fd = tap.open_control_queue(options.tap_name)
-    listener = _listen(options.run_dir / QMP_SOCKET)
+    listener = listen_unix(options.run_dir / QMP_SOCKET)
     try:
         argv = qemu_argv(options, queue_fds, listener.fileno())
         qemu_log = options.run_dir / QEMU_LOG
@@ -191,7 +169,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
                      qemu_exited=_exit_reason(process), qemu_pid=process.pid)
     finally:
         await _disconnect(qmp)
-        await _stop_qemu(process)
+        await stop_process(process, QEMU_STOP_GRACE_S)
 
 
 async def _enable_trace(qmp: QMPClient, trace_log: Path) -> bool:

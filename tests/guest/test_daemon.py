@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from qemu.qmp import QMPClient
 from tests.guest.conftest import need_guest
 from tests.prereq import need_bcc
 from vnetbackend import runner, tap
-from vnetbackend.qemu.launch import MACHINE_CONFIG
+from vnetbackend.qemu.launch import MACHINE_CONFIG, listen_unix
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import Report, collect_reports
 from vnetbackend.testbed.agent import GuestAgent
@@ -247,9 +246,7 @@ async def run_daemon(tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     name = unique_tap_name()
     run_dir = tmp_path / "run"
     agent_path = tmp_path / "agent.sock"
-    agent_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    agent_listener.bind(str(agent_path))
-    agent_listener.listen(1)
+    agent_listener = listen_unix(agent_path)
     fd = agent_listener.fileno()
     daemon = await DaemonProcess.start(
         "run", "--tap", name, "--queues", "2", "--run-dir", str(run_dir), "--pass-fd", str(fd),

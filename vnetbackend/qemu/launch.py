@@ -171,7 +171,9 @@ def qemu_command(spec: VmSpec, socket_fds: dict[str, int]) -> list[str]:
     return argv
 
 
-def _listen(path: Path) -> socket.socket:
+def listen_unix(path: Path) -> socket.socket:
+    """A unix socket listening at *path* (a stale file there is replaced), for QEMU to
+    inherit as a ``-chardev socket,fd=N,server=on`` so that clients can connect at once."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -204,7 +206,7 @@ class QemuProcess:
         listeners: dict[str, socket.socket] = {}
         try:
             for name, path in wanted.items():
-                listeners[name] = _listen(path)
+                listeners[name] = listen_unix(path)
             fds = {name: sock.fileno() for name, sock in listeners.items()}
             argv = qemu_command(spec, fds)
             prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if spec.die_with_parent else []
@@ -242,16 +244,21 @@ class QemuProcess:
 
     async def stop(self, grace: float = 5.0) -> int:
         """End QEMU: SIGTERM, then SIGKILL after *grace* seconds. Returns its exit status."""
-        if self.process.returncode is None:
+        return await stop_process(self.process, grace)
+
+
+async def stop_process(process: asyncio.subprocess.Process, grace: float) -> int:
+    """SIGTERM, then SIGKILL after *grace* seconds; the exit status (-signal if killed)."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-        return self.process.returncode if self.process.returncode is not None else -1
+                process.kill()
+            await process.wait()
+    return process.returncode if process.returncode is not None else -1
 
 
 def _read_text(path: Path) -> str:
