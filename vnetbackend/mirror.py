@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qemu.qmp import QMPClient
@@ -32,8 +31,6 @@ from vnetbackend.steering.program import SteeringError, SteeringProgram
 log = logging.getLogger("vnetbackend.mirror")
 
 EventSink = Callable[[str, dict[str, Any]], None]
-#: How many recent trace-to-attach latencies the status keeps.
-LATENCY_HISTORY = 1000
 
 
 @dataclass
@@ -48,7 +45,6 @@ class MirrorStatus:
     refused: int = 0
     last_error: str | None = None
     last_latency_ms: float | None = None
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
 
 
 def describe(config: RssConfig | None) -> dict[str, Any] | None:
@@ -118,7 +114,6 @@ class Mirror:
         latency = None
         if cause is not None and cause.at is not None:
             latency = round((time.time() - cause.at) * 1000, 3)
-            self.status.latencies_ms.append(latency)
             self.status.last_latency_ms = latency
         changed = config != self.status.rss or state != self.status.state
         self.status.state, self.status.rss = state, config

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 
 import pytest
 
 from tests.guest.conftest import RssBed, need_guest
 from vnetbackend import tap
+from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.testbed.guest import (
     DEFAULT_READY_TIMEOUT,
     GuestBootError,
@@ -89,13 +89,15 @@ async def test_qemu_and_tap_vanish_when_the_test_process_is_killed():
         line = await asyncio.wait_for(child.stdout.readline(), DEFAULT_READY_TIMEOUT)
         tap_name, qemu_pid = line.decode().split()
         assert tap.tap_exists(tap_name)
+        removal = RemovalWatch(tap_name)
     finally:
         child.kill()  # SIGKILL: no cleanup code of the child runs
         await child.wait()
-    assert await _exited(int(qemu_pid), timeout=30)
-    deadline = time.monotonic() + 30
-    while tap.tap_exists(tap_name) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    try:
+        assert await _exited(int(qemu_pid), timeout=30)
+        await asyncio.wait_for(removal.wait(), 30)
+    finally:
+        removal.close()
     assert not tap.tap_exists(tap_name)
 
 

@@ -28,13 +28,13 @@ from qemu.qmp import QMPClient
 
 from vnetbackend import runner
 from vnetbackend.daemon import Daemon
-from vnetbackend.mirror import LATENCY_HISTORY
 from vnetbackend.testbed.ethtool import DEVICE, GuestRss
 from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest
 
 #: How long the daemon may take to show the effect of one agent call.
 EVENT_TIMEOUT = 60.0
 KEY_LENGTH = 40
+MAX_CHANGES = 999
 #: Daemon events that mean a change was not mirrored.
 FAILURE_EVENTS = frozenset({"VNET_RSS_REFUSED", "VNET_STEERING_FAILED",
                             "VNET_GUEST_RSS_REJECTED"})
@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _change_count(text: str) -> int:
     count = int(text)
-    if not 1 <= count < LATENCY_HISTORY:
-        raise argparse.ArgumentTypeError(f"must be 1..{LATENCY_HISTORY - 1}, got {count}")
+    if not 1 <= count <= MAX_CHANGES:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_CHANGES}, got {count}")
     return count
 
 

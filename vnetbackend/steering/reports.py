@@ -65,12 +65,6 @@ class Report:
             fragment=bool(record.flags & REPORT_FLAG_FRAGMENT),
         )
 
-    @property
-    def flow(self) -> tuple[int, bytes, bytes, int, int, int]:
-        """(ip version, src, dst, l4 proto, src port, dst port)."""
-        return (self.ip_version, self.src, self.dst, self.l4_proto, self.src_port,
-                self.dst_port)
-
 
 _RECORD_SIZE = ct.sizeof(SteeringReport)
 
