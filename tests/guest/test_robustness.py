@@ -12,9 +12,11 @@ from tests.guest.conftest import RssBed, need_guest
 from vnetbackend import tap
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.testbed.guest import (
+    BOOT_ATTEMPTS,
     DEFAULT_READY_TIMEOUT,
     GuestBootError,
     GuestOptions,
+    GuestStalled,
     boot_guest,
 )
 
@@ -113,6 +115,26 @@ async def test_guest_that_never_gets_ready_fails_with_its_console():
     assert "Linux version" in error.console
     assert "Run /bin/cat as init process" in error.console
     assert "Run /bin/cat as init process" in str(error)
+
+
+async def test_guest_whose_console_goes_silent_is_booted_again_then_fails():
+    need_guest()
+    # /bin/cat as init: the console goes silent after "Run /bin/cat", like a guest that
+    # stopped in early boot. Each boot but the last is announced with its vCPU state.
+    options = GuestOptions(queues=1, kernel_args="rdinit=/bin/cat", ready_timeout=120,
+                           stall_timeout=4)
+    with pytest.warns(GuestStalled) as stalls, pytest.raises(GuestBootError) as caught:
+        async with boot_guest(options):
+            pytest.fail("the guest reported ready")
+    assert len(stalls) == BOOT_ATTEMPTS - 1
+    stall = stalls[0].message
+    assert isinstance(stall, GuestStalled)
+    assert "CPU #0" in stall.vcpus
+    assert "Run /bin/cat as init process" in stall.console
+    error = caught.value
+    assert f"silent for 4 s before the guest was ready, in each of {BOOT_ATTEMPTS} boots" \
+        in error.reason
+    assert "Run /bin/cat as init process" in error.console
 
 
 async def test_guest_whose_qemu_exits_fails_at_once():

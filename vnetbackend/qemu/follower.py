@@ -72,11 +72,9 @@ class TraceFollower:
         self._from_start = from_start
         self._watch: FileWatch | None = None
         self._file: aiofiles.threadpool.binary.AsyncBufferedReader | None = None
-        self._wakeup = asyncio.Event()
 
     async def __aenter__(self) -> TraceFollower:
         self._watch = FileWatch(self.path)
-        asyncio.get_running_loop().add_reader(self._watch.fd, self._on_modified)
         self._file = await aiofiles.open(self.path, "rb")
         if not self._from_start:
             await self._file.seek(0, 2)
@@ -85,27 +83,22 @@ class TraceFollower:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._watch is not None:
-            asyncio.get_running_loop().remove_reader(self._watch.fd)
             self._watch.close()
         if self._file is not None:
             await self._file.close()
-
-    def _on_modified(self) -> None:
-        assert self._watch is not None
-        self._watch.drain()
-        self._wakeup.set()
 
     def __aiter__(self) -> AsyncIterator[RssTraceEvent]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[RssTraceEvent]:
-        assert self._file is not None, "use TraceFollower as an async context manager"
+        assert self._file is not None and self._watch is not None, \
+            "use TraceFollower as an async context manager"
         partial = b""
         while True:
-            self._wakeup.clear()
+            self._watch.written.clear()
             chunk = await self._file.read()
             if not chunk:
-                await self._wakeup.wait()
+                await self._watch.written.wait()
                 continue
             lines = (partial + chunk).split(b"\n")
             partial = lines.pop()

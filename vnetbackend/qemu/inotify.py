@@ -1,7 +1,8 @@
-"""Linux inotify through ctypes, as an fd an asyncio loop can wait on."""
+"""Linux inotify through ctypes, as an event in the running asyncio loop."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import os
@@ -15,7 +16,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class FileWatch:
-    """Readable whenever *path* is written to; `drain` clears the pending notices."""
+    """Sets `written` each time *path* is written to, until `close`.
+
+    Create it inside the running loop, which watches the inotify fd; whoever waits on
+    `written` clears it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
@@ -26,13 +31,18 @@ class FileWatch:
             err = ctypes.get_errno()
             os.close(self.fd)
             raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+        self.written = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.fd, self._on_written)
 
-    def drain(self) -> None:
+    def _on_written(self) -> None:
         try:
             while os.read(self.fd, 4096):
                 pass
         except BlockingIOError:
             pass
+        self.written.set()
 
     def close(self) -> None:
+        self._loop.remove_reader(self.fd)
         os.close(self.fd)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,19 @@ from pathlib import Path
 from qemu.qmp import QMPClient, QMPError
 
 from vnetbackend import tap
+from vnetbackend.qemu.inotify import FileWatch
 from vnetbackend.qemu.launch import GUEST_MAC, QemuProcess, VmPaths, VmSpec, quoted
 from vnetbackend.testbed.agent import AgentError, GuestAgent
 from vnetbackend.testbed.image import GuestImage, find_guest_image
 
-#: Boot-to-ready under TCG is ~10 s on an idle machine; the test machine is shared.
+#: Boot-to-ready under TCG is ~5 s on an idle machine; the test machine is shared.
 DEFAULT_READY_TIMEOUT = 180.0
+#: The booting kernel writes to its console at least every ~1.5 s (guest time); a console
+#: silent this long before the guest is ready belongs to a guest that has stopped.
+DEFAULT_STALL_TIMEOUT = 30.0
+#: Under TCG a guest kernel has been seen to stop for good in early boot (about one boot
+#: in a hundred, vCPUs oversubscribed two to one); one more boot gets past it.
+BOOT_ATTEMPTS = 2
 CONSOLE_TAIL_LINES = 60
 #: How long a closed agent port may precede QEMU's exit.
 QEMU_EXIT_GRACE = 5.0
@@ -47,6 +55,29 @@ class GuestBootError(RuntimeError):
         self.reason = reason
         self.console = console
         self.qemu_log = qemu_log
+
+
+class GuestStalled(UserWarning):
+    """A booting guest's console went silent before it was ready: it is taken for hung.
+
+    Raised by one boot and issued as a warning when another boot follows; it carries the
+    console, QEMU's log and command, and where each vCPU was (HMP ``info cpus``).
+    """
+
+    def __init__(self, reason: str, console: str, qemu_log: str, command: str,
+                 vcpus: str) -> None:
+        tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
+        super().__init__(f"{reason}; booting again\n--- vCPUs ---\n{vcpus.strip()}\n"
+                         f"--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n{tail}")
+        self.reason = reason
+        self.console = console
+        self.qemu_log = qemu_log
+        self.command = command
+        self.vcpus = vcpus
+
+
+class _ConsoleSilent(AgentError):
+    """Nothing reached the guest's console for the stall timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +98,7 @@ class GuestOptions:
     hash_report: bool = True
     kernel_args: str = ""
     ready_timeout: float = DEFAULT_READY_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
     extra_args: tuple[str, ...] = ()
     image: GuestImage | None = None
 
@@ -123,40 +155,63 @@ async def _let_guest_run(control: QMPClient, timeout: float) -> None:
     await control.execute("cont")
 
 
-async def _wait_ready(qemu: QemuProcess, agent: GuestAgent, timeout: float) -> None:
+async def _wait_ready(qemu: QemuProcess, agent: GuestAgent, timeout: float,
+                      stall_timeout: float) -> None:
     ready = asyncio.ensure_future(agent.wait_ready())
     exited = asyncio.ensure_future(qemu.wait())
+    silent = asyncio.ensure_future(_console_goes_quiet(qemu.spec.paths.console_log,
+                                                       stall_timeout))
     try:
-        done, _ = await asyncio.wait({ready, exited}, timeout=timeout,
+        done, _ = await asyncio.wait({ready, exited, silent}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.exception() is not None and exited not in done:
             # QEMU closes the agent port as it exits: say so rather than "port closed".
             done |= (await asyncio.wait({exited}, timeout=QEMU_EXIT_GRACE))[0]
     finally:
-        for task in (ready, exited):
+        for task in (ready, exited, silent):
             task.cancel()
     if exited in done:
         raise AgentError(f"QEMU exited with status {qemu.returncode} before the guest was ready")
     if ready in done:
         ready.result()
         return
+    if silent in done:
+        silent.result()
+        raise _ConsoleSilent(f"the guest's console was silent for {stall_timeout:g} s "
+                             "before the guest was ready")
     raise AgentError(f"the guest was not ready within {timeout:g} s")
+
+
+async def _console_goes_quiet(console_log: Path, quiet_for: float) -> None:
+    """Return once nothing has been written to *console_log* for *quiet_for* seconds."""
+    watch = FileWatch(console_log)
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(watch.written.wait(), quiet_for)
+            except TimeoutError:
+                return
+            watch.written.clear()
+    finally:
+        watch.close()
 
 
 @contextlib.asynccontextmanager
 async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Guest]:
     """Boot a guest as *options* say; yield it once ready; always clean up after.
 
-    Raises `GuestBootError` (with the console log) if it is not ready in time. Every
-    teardown step runs even if an earlier one fails.
+    A guest whose console stays silent for ``options.stall_timeout`` before it is ready
+    is taken for hung and booted again, up to `BOOT_ATTEMPTS` times in all, each hang
+    announced with a `GuestBootStalled` warning that carries its console and vCPU state.
+    Raises `GuestBootError` (with the console log) if the guest is not ready in time, its
+    QEMU exits, or every attempt hung. Every teardown step runs even if an earlier one
+    fails.
     """
     image = options.image or find_guest_image()
     if image is None:
         raise FileNotFoundError("no test guest image: run scripts/build-guest")
     name = unique_tap_name()
     async with contextlib.AsyncExitStack() as cleanup:
-        run_dir = Path(tempfile.mkdtemp(prefix=f"vnet-guest-{os.getpid()}-"))
-        cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
         # tap.py talks netlink through pyroute2's synchronous API, which cannot run inside
         # a running event loop: give it a thread.
         await asyncio.to_thread(tap.create_tap, name)
@@ -169,27 +224,68 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
         # cleaning up, the kernel removes the tap once QEMU (killed with us) lets go too.
         fcntl.ioctl(fds[0], tap.TUNSETPERSIST, 0)
         append = f"console=ttyS0 panic=-1 {options.kernel_args}".strip()
-        spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
-                      run_dir=run_dir, append=append, rss=options.rss,
-                      hash_report=options.hash_report, cpus=options.cpus or options.queues,
-                      extra_args=options.extra_args)
-        started = time.monotonic()
-        qemu = await QemuProcess.start(spec)
-        cleanup.push_async_callback(qemu.stop)
-        control = QMPClient(f"control-{name}")
-        cleanup.push_async_callback(_quietly_disconnect, control)
-        try:
-            agent = await GuestAgent.connect(spec.paths.agent_socket)
-            cleanup.push_async_callback(agent.close)
-            await control.connect(str(spec.paths.control_socket))
-            await _let_guest_run(control, timeout=30.0)
-            await _wait_ready(qemu, agent, options.ready_timeout)
-        except (AgentError, OSError, QMPError) as err:
-            raise GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
-                                 quoted(qemu.argv)) from None
-        yield Guest(tap_name=name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
-                    agent=agent, control=control, boot_seconds=time.monotonic() - started,
-                    queue_fds=fds)
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            run_dir = Path(tempfile.mkdtemp(prefix=f"vnet-guest-{os.getpid()}-"))
+            spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
+                          run_dir=run_dir, append=append, rss=options.rss,
+                          hash_report=options.hash_report, cpus=options.cpus or options.queues,
+                          extra_args=options.extra_args)
+            vm = contextlib.AsyncExitStack()
+            vm.callback(shutil.rmtree, run_dir, ignore_errors=True)
+            try:
+                guest = await _boot_vm(vm, name, spec, options)
+            except GuestStalled as stall:
+                await vm.aclose()
+                if attempt == BOOT_ATTEMPTS:
+                    raise GuestBootError(f"{stall.reason}, in each of {attempt} boots",
+                                         stall.console, stall.qemu_log,
+                                         stall.command) from None
+                warnings.warn(stall, stacklevel=2)
+                continue
+            except BaseException:
+                await vm.aclose()
+                raise
+            cleanup.push_async_exit(vm)
+            break
+        yield guest
+
+
+async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
+                   options: GuestOptions) -> Guest:
+    """Start QEMU on *spec* and wait for the guest to be ready; *vm* takes its teardown.
+
+    Raises `GuestStalled` when the console goes silent first, `GuestBootError` on any
+    other failure.
+    """
+    started = time.monotonic()
+    qemu = await QemuProcess.start(spec)
+    vm.push_async_callback(qemu.stop)
+    control = QMPClient(f"control-{tap_name}")
+    vm.push_async_callback(_quietly_disconnect, control)
+    try:
+        agent = await GuestAgent.connect(spec.paths.agent_socket)
+        vm.push_async_callback(agent.close)
+        await control.connect(str(spec.paths.control_socket))
+        await _let_guest_run(control, timeout=30.0)
+        await _wait_ready(qemu, agent, options.ready_timeout, options.stall_timeout)
+    except _ConsoleSilent as silent:
+        raise GuestStalled(str(silent), qemu.console_text(), qemu.log_text(),
+                           quoted(qemu.argv), await _vcpu_state(control)) from None
+    except (AgentError, OSError, QMPError) as err:
+        raise GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
+                             quoted(qemu.argv)) from None
+    return Guest(tap_name=tap_name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
+                 agent=agent, control=control, boot_seconds=time.monotonic() - started,
+                 queue_fds=list(spec.tap_fds))
+
+
+async def _vcpu_state(control: QMPClient) -> str:
+    """Where each vCPU is (HMP ``info cpus``), or why that could not be read."""
+    try:
+        return str(await control.execute("human-monitor-command",
+                                          {"command-line": "info cpus"}))
+    except (QMPError, OSError, EOFError) as err:
+        return f"(vCPU state unavailable: {err!r})"
 
 
 async def _quietly_disconnect(client: QMPClient) -> None:
