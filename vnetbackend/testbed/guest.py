@@ -35,8 +35,8 @@ DEFAULT_READY_TIMEOUT = 180.0
 #: The booting kernel writes to its console at least every ~1.5 s (guest time); a console
 #: silent this long before the guest is ready belongs to a guest that has stopped.
 DEFAULT_STALL_TIMEOUT = 30.0
-#: Under TCG a guest kernel has been seen to stop for good in early boot (about one boot
-#: in a hundred, vCPUs oversubscribed two to one); one more boot gets past it.
+#: Under TCG a guest kernel has been seen to stop for good in early boot (once in several
+#: hundred boots, vCPUs oversubscribed two to one); one more boot gets past it.
 BOOT_ATTEMPTS = 2
 CONSOLE_TAIL_LINES = 60
 #: How long a closed agent port may precede QEMU's exit.
