@@ -135,6 +135,7 @@ async def test_guest_whose_console_goes_silent_is_booted_again_then_fails():
     assert f"silent for 4 s before the guest was ready, in each of {BOOT_ATTEMPTS} boots" \
         in error.reason
     assert "Run /bin/cat as init process" in error.console
+    assert "CPU #0" in error.reason
 
 
 async def test_guest_whose_qemu_exits_fails_at_once():

@@ -2,9 +2,10 @@
 
 `boot_guest` is an async context manager: it creates a tap, opens one queue fd per queue
 pair, starts QEMU paused on them, connects its control monitor and the agent port,
-lets the guest run and waits for the guest's own ready line. On leaving (normally or by
-an exception, including a failed boot) QEMU is stopped, the fds closed, the tap deleted
-and the run directory removed.
+lets the guest run and waits for the guest's own ready line (booting once more if the
+guest's console goes silent first: see `BOOT_ATTEMPTS`). On leaving (normally or by an
+exception, including a failed boot) QEMU is stopped, the fds closed, the tap deleted and
+the run directory removed.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
 
     A guest whose console stays silent for ``options.stall_timeout`` before it is ready
     is taken for hung and booted again, up to `BOOT_ATTEMPTS` times in all, each hang
-    announced with a `GuestBootStalled` warning that carries its console and vCPU state.
+    announced with a `GuestStalled` warning that carries its console and vCPU state.
     Raises `GuestBootError` (with the console log) if the guest is not ready in time, its
     QEMU exits, or every attempt hung. Every teardown step runs even if an earlier one
     fails.
@@ -237,7 +238,8 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
             except GuestStalled as stall:
                 await vm.aclose()
                 if attempt == BOOT_ATTEMPTS:
-                    raise GuestBootError(f"{stall.reason}, in each of {attempt} boots",
+                    raise GuestBootError(f"{stall.reason}, in each of {attempt} boots\n"
+                                         f"--- vCPUs ---\n{stall.vcpus.strip()}",
                                          stall.console, stall.qemu_log,
                                          stall.command) from None
                 warnings.warn(stall, stacklevel=2)
