@@ -17,6 +17,7 @@ from vnetbackend.qemu.features import (
     MQ,
     RSS,
     Negotiation,
+    VirtioFeatures,
     query_features,
 )
 from vnetbackend.qemu.launch import QemuProcess, VmSpec
@@ -26,14 +27,19 @@ from vnetbackend.testbed.image import find_guest_image
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
 
 
-async def test_rss_and_hash_report_negotiated(rss_bed: RssBed):
-    need_guest()
+async def _features_over(socket: Path) -> VirtioFeatures:
+    """The device's features, asked over a QMP connection of our own to *socket*."""
     qmp = QMPClient("negotiation-test")
-    await qmp.connect(str(rss_bed.guest.qmp_socket))
+    await qmp.connect(str(socket))
     try:
-        features = await query_features(qmp)
+        return await query_features(qmp)
     finally:
         await qmp.disconnect()
+
+
+async def test_rss_and_hash_report_negotiated(rss_bed: RssBed):
+    need_guest()
+    features = await _features_over(rss_bed.guest.qmp_socket)
     assert features.path == "/machine/peripheral/vnet0/virtio-backend"
     assert features.driver_ok
     assert {RSS, HASH_REPORT, MQ, CTRL_VQ} <= features.negotiated
@@ -69,12 +75,7 @@ async def test_driver_not_ready_is_a_state(tmp_path: Path):
         spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=(fd,),
                       run_dir=tmp_path, paused=True, agent_port=False)
         qemu = await QemuProcess.start(spec)
-        qmp = QMPClient("paused-vm")
-        await qmp.connect(str(spec.paths.qmp_socket))
-        try:
-            features = await query_features(qmp)
-        finally:
-            await qmp.disconnect()
+        features = await _features_over(spec.paths.qmp_socket)
     finally:
         if qemu is not None:
             await qemu.stop()

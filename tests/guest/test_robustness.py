@@ -103,14 +103,19 @@ async def test_qemu_and_tap_vanish_when_the_test_process_is_killed():
     assert not tap.tap_exists(tap_name)
 
 
+async def _boot_failure(options: GuestOptions) -> GuestBootError:
+    """What booting a guest as *options* say raises; the test fails if it gets ready."""
+    with pytest.raises(GuestBootError) as caught:
+        async with boot_guest(options):
+            pytest.fail("the guest reported ready")
+    return caught.value
+
+
 async def test_guest_that_never_gets_ready_fails_with_its_console():
     need_guest()
     # /bin/cat as init reads the console forever: the kernel boots, the agent never starts.
     options = GuestOptions(queues=1, kernel_args="rdinit=/bin/cat", ready_timeout=25)
-    with pytest.raises(GuestBootError) as caught:
-        async with boot_guest(options):
-            pytest.fail("the guest reported ready")
-    error = caught.value
+    error = await _boot_failure(options)
     assert "not ready within 25 s" in error.reason
     assert "Linux version" in error.console
     assert "Run /bin/cat as init process" in error.console
@@ -123,15 +128,13 @@ async def test_guest_whose_console_goes_silent_is_booted_again_then_fails():
     # stopped in early boot. Each boot but the last is announced with its vCPU state.
     options = GuestOptions(queues=1, kernel_args="rdinit=/bin/cat", ready_timeout=120,
                            stall_timeout=4)
-    with pytest.warns(GuestStalled) as stalls, pytest.raises(GuestBootError) as caught:
-        async with boot_guest(options):
-            pytest.fail("the guest reported ready")
+    with pytest.warns(GuestStalled) as stalls:
+        error = await _boot_failure(options)
     assert len(stalls) == BOOT_ATTEMPTS - 1
     stall = stalls[0].message
     assert isinstance(stall, GuestStalled)
     assert "CPU #0" in stall.vcpus
     assert "Run /bin/cat as init process" in stall.console
-    error = caught.value
     assert f"silent for 4 s before the guest was ready, in each of {BOOT_ATTEMPTS} boots" \
         in error.reason
     assert "Run /bin/cat as init process" in error.console
@@ -142,11 +145,9 @@ async def test_guest_whose_qemu_exits_fails_at_once():
     need_guest()
     # No such init: the kernel panics, panic=-1 reboots and -no-reboot ends QEMU.
     options = GuestOptions(queues=1, kernel_args="rdinit=/no/such/init", ready_timeout=120)
-    with pytest.raises(GuestBootError) as caught:
-        async with boot_guest(options):
-            pytest.fail("the guest reported ready")
-    assert "QEMU exited" in caught.value.reason
-    assert "Kernel panic" in caught.value.console
+    error = await _boot_failure(options)
+    assert "QEMU exited" in error.reason
+    assert "Kernel panic" in error.console
 
 
 async def test_agent_returns_output_and_exit_status(rss_bed: RssBed):
