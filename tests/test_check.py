@@ -5,22 +5,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from vnetbackend.check import HashChecker, Outcome
-from vnetbackend.qemu.departures import AUTH_HEADER_LENGTH, expectation
+from vnetbackend.checker import HashChecker, Outcome, expectation
+from vnetbackend.qemu.departures import AUTH_HEADER_LENGTH
 from vnetbackend.rss import RssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering.conformance import expected_report
 from vnetbackend.steering.program import SteeringState
 from vnetbackend.testbed.observer import RxRecord
 from vnetbackend.testbed.traffic import make_batch
+from vnetbackend.testbed.vm import GUEST_MAC_BYTES
 
 CONFIG = RssConfig(hash_types=0x3F, key=MICROSOFT_KEY, indirection_table=[0, 1, 2, 3] * 4,
                    queues=4)
-GUEST_MAC = bytes.fromhex("525400564e01")
 
 
 def batch(classes: list[str] | None = None) -> list[tuple[str, bytes]]:
-    probes = make_batch(GUEST_MAC, per_class=1, seed=3, classes=classes)
+    probes = make_batch(GUEST_MAC_BYTES, per_class=1, seed=3, classes=classes)
     return [(p.frame_class, p.frame) for p in probes]
 
 
@@ -30,12 +30,7 @@ def kernel_answers(frames: list[tuple[str, bytes]]) -> list[Any]:
 
 
 def guest_answers(frames: list[tuple[str, bytes]]) -> list[RxRecord]:
-    records = []
-    for _, frame in frames:
-        seen = expectation(CONFIG, frame)
-        records.append(RxRecord(queue=seen.queue, protocol=int.from_bytes(frame[12:14], "big"),
-                                hash=seen.hash, l4_hash=seen.l4_hash, l3_len=len(frame) - 14))
-    return records
+    return [RxRecord.of(frame, expectation(CONFIG, frame)) for _, frame in frames]
 
 
 def test_agreement_and_documented_departures_are_told_apart() -> None:

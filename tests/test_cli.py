@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from vnetbackend import frames as f
+from vnetbackend.testbed import frames as f
 
 VNETBACKEND = [sys.executable, "-m", "vnetbackend.cli"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, StateError
 
-from vnetbackend.qmp_server import (
+from vnetbackend.daemon.qmp_server import (
     MAX_MESSAGE_BYTES,
     MessageSplitter,
     Param,

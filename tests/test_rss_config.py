@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vnetbackend import frames as f
 from vnetbackend.rss import HashReport, InvalidRssConfig, RssConfig, parse_hash_types
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.rss.vectors import MICROSOFT_KEY
+from vnetbackend.testbed import frames as f
 
 GOOD = {"hash_types": 0x3F, "key": MICROSOFT_KEY, "indirection_table": [0, 1, 2, 3],
         "queues": 4, "unclassified_queue": 0}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vnetbackend import frames as f
 from vnetbackend.rss import HashReport, HashType, parse_frame, select_hash_input
 from vnetbackend.rss.frame import MAX_EXT_HEADERS
+from vnetbackend.testbed import frames as f
 
 ALL = 0x1FF
 V4S, V4D = "10.0.0.1", "10.0.0.2"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vnetbackend import frames as f
 from vnetbackend.rss import (
     HashReport,
     HashType,
@@ -15,6 +14,7 @@ from vnetbackend.rss import (
     toeplitz,
     toeplitz_bitwise,
 )
+from vnetbackend.testbed import frames as f
 
 keys = st.binary(min_size=1, max_size=40)
 masks = st.integers(min_value=0, max_value=0x1FF)

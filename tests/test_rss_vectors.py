@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from vnetbackend import frames as f
 from vnetbackend.rss import HashReport, HashType, RssConfig, toeplitz, toeplitz_bitwise
-from vnetbackend.rss.samples import (
+from vnetbackend.rss.vectors import (
     MICROSOFT_IPV4_VECTORS,
     MICROSOFT_IPV6_VECTORS,
     MICROSOFT_KEY,
 )
+from vnetbackend.testbed import frames as f
 
 # (source, source port, destination, destination port, IP-only hash, with-ports hash)
 IPV4_VECTORS = MICROSOFT_IPV4_VECTORS

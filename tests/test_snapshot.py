@@ -21,7 +21,7 @@ from vnetbackend.qemu.snapshot import (
     parse_snapshot,
 )
 from vnetbackend.rss import InvalidRssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 
 
 def section(name: str, body: bytes, section_id: int = 7) -> bytes:

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.prereq import need_bcc
-from vnetbackend import frames as f
 from vnetbackend.rss import HashReport, HashType, RssConfig
-from vnetbackend.rss.samples import (
+from vnetbackend.rss.vectors import (
     MICROSOFT_IPV4_VECTORS,
     MICROSOFT_IPV6_VECTORS,
     MICROSOFT_KEY,
@@ -24,6 +23,7 @@ from vnetbackend.rss.samples import (
 from vnetbackend.steering import SteeringProgram, SteeringState, prog_test_run
 from vnetbackend.steering.conformance import expected_report, run_frames
 from vnetbackend.steering.testrun import runnable
+from vnetbackend.testbed import frames as f
 
 ALL = HashType(0x1FF)
 V6S, V6D = "2001:db8:1::10", "2001:db8:2::20"

@@ -21,13 +21,13 @@ import pytest
 
 from tests.prereq import need_bcc, need_tun
 from tests.test_steering_conformance import EDGE_CASES, MS_IPV4, MS_IPV6, TRUNCATED_BASES
-from vnetbackend import frames as f
 from vnetbackend import tap
 from vnetbackend.rss import HashReport, HashType, RssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering import Report, SteeringProgram, SteeringState
 from vnetbackend.steering.conformance import expected_report
 from vnetbackend.steering.testrun import runnable
+from vnetbackend.testbed import frames as f
 
 QUEUES = 4
 V6S, V6D = "2001:db8:7::1", "2001:db8:7::2"

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.prereq import need_bcc
-from vnetbackend import frames as f
+from tests.skew import skew_indirection_entry, skew_toeplitz_entry
+from vnetbackend.bench.samples import sample_frames
 from vnetbackend.rss import HashReport, HashType, InvalidRssConfig, RssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY, sample_frames
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering import (
     MapsInconsistent,
     SteeringProgram,
@@ -22,6 +23,7 @@ from vnetbackend.steering import (
 from vnetbackend.steering.conformance import expected_report, run_frames
 from vnetbackend.steering.layout import MIRRORS
 from vnetbackend.steering.program import SOURCE_PATH
+from vnetbackend.testbed import frames as f
 
 TCP4 = sample_frames()["ipv4_tcp"]
 
@@ -88,7 +90,7 @@ def test_a_skewed_indirection_entry_is_seen(program: SteeringProgram) -> None:
     right = config.steer(TCP4)
     index = right.hash & 63
     wrong_queue = (right.queue + 1) % 4
-    program.skew_indirection_entry(index, wrong_queue)
+    skew_indirection_entry(program, index, wrong_queue)
     assert program.read_config() != config
     assert program.read_config().indirection_table[index] == wrong_queue  # type: ignore[union-attr]
     [(retval, report)] = run_frames(program, [TCP4])
@@ -101,7 +103,7 @@ def test_a_skewed_toeplitz_entry_is_seen(program: SteeringProgram) -> None:
     program.apply(config)
     right = config.steer(TCP4)
     first_byte = right.hash_input[0]
-    program.skew_toeplitz_entry(0, first_byte, 0xDEADBEEF)
+    skew_toeplitz_entry(program, 0, first_byte, 0xDEADBEEF)
     with pytest.raises(MapsInconsistent, match=rf"toeplitz\[0\]\[{first_byte}\]"):
         program.read_config()
     [(_, report)] = run_frames(program, [TCP4])

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.prereq import need_bcc
-from vnetbackend import frames as f
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering import SteeringProgram, SteeringState
 from vnetbackend.steering.conformance import expected_report, run_frames
 from vnetbackend.steering.testrun import min_frame_len
+from vnetbackend.testbed import frames as f
 
 FRAMES_PER_EXAMPLE = 25
 EXAMPLES = 420

@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vnetbackend import runner
 from vnetbackend.bench import BENCHMARKS
-from vnetbackend.daemon import Ending
+from vnetbackend.daemon import launch
+from vnetbackend.daemon.lifecycle import Ending
+from vnetbackend.qemu.command import DEVICE_ID
 from vnetbackend.rss import ALL_HASH_TYPES, InvalidRssConfig, RssConfig, parse_hash_types
-from vnetbackend.rss.samples import MICROSOFT_KEY
-from vnetbackend.runner import MONITOR_SOCKET, RunOptions
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 
 
 def _hex_bytes(text: str) -> bytes:
@@ -81,16 +81,17 @@ def _finish(ending: Ending, reason: str) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     qemu_args = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
     run_dir = _run_dir(args)
-    options = RunOptions(qemu_args=tuple(qemu_args), tap_name=args.tap, queues=args.queues,
-                         run_dir=run_dir, monitor=args.monitor or run_dir / MONITOR_SOCKET,
-                         mac=args.mac, pass_fds=tuple(args.pass_fd))
-    return _finish(*asyncio.run(runner.run(options)))
+    options = launch.RunOptions(
+        qemu_args=tuple(qemu_args), tap_name=args.tap, queues=args.queues, run_dir=run_dir,
+        monitor=args.monitor or run_dir / launch.MONITOR_SOCKET, mac=args.mac,
+        pass_fds=tuple(args.pass_fd))
+    return _finish(*asyncio.run(launch.run(options)))
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
-    return _finish(*asyncio.run(runner.attach(
-        args.qmp, args.tap, run_dir, args.monitor or run_dir / MONITOR_SOCKET,
+    return _finish(*asyncio.run(launch.attach(
+        args.qmp, args.tap, run_dir, args.monitor or run_dir / launch.MONITOR_SOCKET,
         args.device_id, not args.poll_control_queue)))
 
 
@@ -108,7 +109,9 @@ def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str) -> None:
                         help="the daemon's QMP monitor socket (default: RUN_DIR/monitor.sock)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The command's parser. Only the benchmark *argv* names (if any) is imported, to
+    add its own options: the others are listed by name and summary."""
     parser = argparse.ArgumentParser(prog="vnetbackend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="launch QEMU on a new multi-queue tap and mirror its guest's RSS",
         description="Everything after -- is passed to QEMU; vnetbackend adds the tap, "
-                    f"the virtio-net device (id {runner.DEVICE_ID}), a QMP monitor and "
+                    f"the virtio-net device (id {DEVICE_ID}), a QMP monitor and "
                     "the RSS trace events.")
     _add_daemon_options(run, "name of the tap to create")
     run.add_argument("--queues", type=int, default=2, choices=range(1, 9), metavar="1..8",
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "attach", help="mirror the guest RSS of a running QEMU onto its tap")
     _add_daemon_options(attach, "the tap QEMU's virtio-net device uses")
     attach.add_argument("--qmp", type=Path, required=True, help="QEMU's QMP socket")
-    attach.add_argument("--device-id", default=runner.DEVICE_ID,
+    attach.add_argument("--device-id", default=DEVICE_ID,
                         help="qdev id of the virtio-net device (default: %(default)s)")
     attach.add_argument("--poll-control-queue", action="store_true",
                         help="follow the guest's control queue instead of QEMU's trace events")
@@ -162,17 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="benchmark", required=True)
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        sub = benches.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+    chosen = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
+    for name, (module_name, summary) in BENCHMARKS.items():
+        sub = benches.add_parser(name, help=summary)
         sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
-        module.add_arguments(sub)
-        sub.set_defaults(handler=_cmd_bench, bench_module=module)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=_cmd_bench, bench_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="vnetbackend: %(message)s")
     return int(args.handler(args))
 

@@ -24,10 +24,9 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from vnetbackend import runner
-from vnetbackend.check import Outcome
-from vnetbackend.daemon import Daemon
-from vnetbackend.qemu.launch import MACHINE_CONFIG, listen_unix
+from vnetbackend.daemon import launch
+from vnetbackend.daemon.lifecycle import Daemon
+from vnetbackend.qemu.process import listen_unix
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import collect_reports
 from vnetbackend.testbed.agent import GuestAgent
@@ -37,8 +36,8 @@ from vnetbackend.testbed.image import find_guest_image
 from vnetbackend.testbed.injector import silence_host_stack
 from vnetbackend.testbed.observer import RxObserver
 from vnetbackend.testbed.traffic import make_batch
+from vnetbackend.testbed.vm import GUEST_MAC, GUEST_MAC_BYTES, guest_args
 
-GUEST_MAC = "52:54:00:56:4e:01"
 READY_TIMEOUT = 180.0
 STEP_TIMEOUT = 60.0
 REPORT_TIMEOUT = 15.0
@@ -112,20 +111,16 @@ async def _guest_under_daemon(queues: int, work: Path) -> AsyncIterator[tuple[Da
     agent_path = work / "agent.sock"
     listener = listen_unix(agent_path)
     fd = listener.fileno()
-    options = runner.RunOptions(
-        qemu_args=("-readconfig", str(MACHINE_CONFIG), "-smp", str(queues), "-nodefaults",
-                   "-display", "none", "-kernel", str(image.kernel), "-initrd",
-                   str(image.initrd), "-append", "console=ttyS0 panic=-1",
-                   "-chardev", f"file,id=console,path={work / 'console.log'}",
-                   "-serial", "chardev:console",
-                   "-chardev", f"socket,id=agent,fd={fd},server=on,wait=off",
-                   "-serial", "chardev:agent"),
+    options = launch.RunOptions(
+        qemu_args=tuple(guest_args(image.kernel, image.initrd, append="console=ttyS0 panic=-1",
+                                   console_log=work / "console.log", agent_fd=fd,
+                                   cpus=queues)),
         tap_name=f"vnbdemo{os.getpid() % 100000}", queues=queues, run_dir=work / "run",
         monitor=work / "monitor.sock", mac=GUEST_MAC, pass_fds=(fd,))
     progress(f"launching QEMU with {queues} queue pairs under the daemon (tap "
              f"{options.tap_name})")
     try:
-        async with runner.launched(options) as daemon:
+        async with launch.launched(options) as daemon:
             listener.close()
             serving = asyncio.create_task(daemon.serve())
             agent = await GuestAgent.connect(agent_path)
@@ -174,14 +169,13 @@ async def _run(queues: int, per_class: int, work: Path) -> DemoResult:
         await observer.start()
         daemon.program.set_reports(1)
         reader = daemon.program.reports()
-        mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
         for seed, (name, step) in enumerate(STEPS):
             progress(f"configuration {seed + 1}/{len(STEPS)}: {name}")
             await step(rss)
             status = await _mirrored(client, await rss.read_config())
             config = daemon.mirror.status.rss
             assert config is not None
-            probes = make_batch(mac, per_class=per_class, seed=seed)
+            probes = make_batch(GUEST_MAC_BYTES, per_class=per_class, seed=seed)
             reader.drain()
             records = await observe_batch(daemon.tap_name, observer, probes)
             reports = await collect_reports(reader, [len(p.frame) for p in probes],
@@ -189,10 +183,10 @@ async def _run(queues: int, per_class: int, work: Path) -> DemoResult:
             verdicts = daemon.checker.check(config, [(p.frame_class, p.frame) for p in probes],
                                             reports, records)
             for verdict in verdicts:
-                if verdict.outcome in (Outcome.DISAGREED, Outcome.UNMATCHED):
+                if verdict.failed:
                     progress(f"  {verdict.outcome.value} {verdict.frame_class}: "
                              f"{verdict.reason}; frame {verdict.frame.hex()}")
-            bad = sum(v.outcome in (Outcome.DISAGREED, Outcome.UNMATCHED) for v in verdicts)
+            bad = sum(v.failed for v in verdicts)
             progress(f"  {len(probes)} frames checked, {bad} disagreed or unmatched, mirror "
                      f"latency {status['mirror']['last-latency-ms']} ms")
             outcome.steps.append(StepResult(name, len(probes),

@@ -25,7 +25,7 @@ from qemu.qmp import QMPClient
 from vnetbackend.qemu.device import NetDevice, read_rss_state
 from vnetbackend.qemu.follower import RssTraceEvent
 from vnetbackend.qemu.snapshot import RssState, SnapshotError
-from vnetbackend.rss import InvalidRssConfig, RssConfig, format_hash_types
+from vnetbackend.rss import InvalidRssConfig, RssConfig, rss_view
 from vnetbackend.steering.program import SteeringError, SteeringProgram
 
 log = logging.getLogger("vnetbackend.mirror")
@@ -45,20 +45,6 @@ class MirrorStatus:
     refused: int = 0
     last_error: str | None = None
     last_latency_ms: float | None = None
-
-
-def describe(config: RssConfig | None) -> dict[str, Any] | None:
-    """A JSON-ready view of *config*."""
-    if config is None:
-        return None
-    return {
-        "hash-types": int(config.hash_types),
-        "hash-type-names": format_hash_types(config.hash_types),
-        "key": config.key.hex(),
-        "indirection-table": list(config.indirection_table),
-        "unclassified-queue": config.unclassified_queue,
-        "queues": config.queues,
-    }
 
 
 class Mirror:
@@ -124,7 +110,7 @@ class Mirror:
                 "enabled": config is not None,
                 "populate-hash": bool(state and state.populate_hash),
                 "redirect": bool(state and state.redirect),
-                "rss": describe(config),
+                "rss": rss_view(config),
                 "latency-ms": latency,
             })
         if config is not None:

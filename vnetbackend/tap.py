@@ -20,6 +20,8 @@ from types import TracebackType
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vnetbackend.errors import VnetError
+
 TUN_DEVICE = "/dev/net/tun"
 
 IFF_TAP = 0x0002
@@ -46,7 +48,7 @@ IFNAMSIZ = 16
 _opened_names: dict[int, str] = {}
 
 
-class TapError(OSError):
+class TapError(VnetError, OSError):
     """A tap operation failed; the message names the device and the step."""
 
     def __init__(self, name: str, action: str, err: int, detail: str | None = None) -> None:

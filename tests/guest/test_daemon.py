@@ -18,8 +18,10 @@ from qemu.qmp import QMPClient
 
 from tests.guest.conftest import need_guest
 from tests.prereq import need_bcc
-from vnetbackend import runner, tap
-from vnetbackend.qemu.launch import MACHINE_CONFIG, listen_unix
+from tests.skew import skew_indirection_entry
+from vnetbackend import tap
+from vnetbackend.daemon import launch
+from vnetbackend.qemu.process import listen_unix
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import Report, collect_reports
 from vnetbackend.testbed.agent import GuestAgent
@@ -30,6 +32,7 @@ from vnetbackend.testbed.image import find_guest_image
 from vnetbackend.testbed.injector import silence_host_stack
 from vnetbackend.testbed.observer import RxObserver
 from vnetbackend.testbed.traffic import make_batch
+from vnetbackend.testbed.vm import guest_args
 
 pytestmark = pytest.mark.guest
 EVENT_TIMEOUT = 30.0
@@ -75,7 +78,7 @@ async def attached_guest(tmp_path: Path, use_trace: bool = True) -> AsyncIterato
         observer = RxObserver(guest.agent)
         await observer.start()
         monitor_path = tmp_path / "monitor.sock"
-        async with runner.attached(guest.qmp_socket, guest.tap_name, tmp_path / "run",
+        async with launch.attached(guest.qmp_socket, guest.tap_name, tmp_path / "run",
                                    monitor_path, use_trace=use_trace) as daemon:
             serving = asyncio.create_task(daemon.serve())
             client = QMPClient("test")
@@ -94,8 +97,8 @@ async def check_traffic(bed: Attached, config: RssConfig, seed: int) -> None:
     probes = make_batch(bed.guest.mac, per_class=1, seed=seed)
     reader = bed.daemon.program.reports()
     reader.drain()
-    mismatches = await check_batch(bed.guest.tap_name, bed.observer, config, probes)
-    assert not mismatches, report(config, mismatches)
+    failed = await check_batch(bed.guest.tap_name, bed.observer, config, probes)
+    assert not failed, report(config, failed)
     reports: dict[int, Report] = {}
     while len(reports) < len(probes):
         found = await reader.next(timeout=EVENT_TIMEOUT)
@@ -250,19 +253,16 @@ async def run_daemon(tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     fd = agent_listener.fileno()
     daemon = await DaemonProcess.start(
         "run", "--tap", name, "--queues", "2", "--run-dir", str(run_dir), "--pass-fd", str(fd),
-        "--", "-readconfig", str(MACHINE_CONFIG), "-nodefaults", "-display", "none",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", "console=ttyS0 panic=-1",
-        "-chardev", f"file,id=console,path={tmp_path / 'console.log'}", "-serial",
-        "chardev:console", "-chardev", f"socket,id=agent,fd={fd},server=on,wait=off",
-        "-serial", "chardev:agent", pass_fds=(fd,))
+        "--", *guest_args(image.kernel, image.initrd, append="console=ttyS0 panic=-1",
+                          console_log=tmp_path / "console.log", agent_fd=fd),
+        pass_fds=(fd,))
     agent_listener.close()
     qemu_pid = None
     agent = None
     try:
         agent = await GuestAgent.connect(agent_path)
         await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
-        monitor = await daemon.monitor(run_dir / runner.MONITOR_SOCKET)
+        monitor = await daemon.monitor(run_dir / launch.MONITOR_SOCKET)
         running = RunningDaemon(daemon, name, run_dir, GuestRss(agent), monitor)
         qemu_pid = (await running.status())["qemu-pid"]
         yield running
@@ -290,7 +290,7 @@ async def test_run_mirrors_and_a_restarted_daemon_recovers(tmp_path: Path) -> No
 
         monitor_path = tmp_path / "second.sock"
         second = await DaemonProcess.start(
-            "attach", "--qmp", str(running.run_dir / runner.QMP_SOCKET), "--tap",
+            "attach", "--qmp", str(running.run_dir / launch.QMP_SOCKET), "--tap",
             running.tap_name, "--run-dir", str(tmp_path / "run2"), "--monitor",
             str(monitor_path))
         try:
@@ -338,7 +338,7 @@ async def test_a_skewed_map_is_caught_frame_by_frame(tmp_path: Path) -> None:
         config = bed.daemon.mirror.status.rss
         program = bed.daemon.program
         for index, queue in enumerate(config.indirection_table):
-            program.skew_indirection_entry(index, (queue + 1) % config.queues)
+            skew_indirection_entry(program, index, (queue + 1) % config.queues)
         program.set_reports(1)
         reader = program.reports()
         reader.drain()

@@ -1,14 +1,16 @@
-"""Evidence for the guest driver behaviour the bed works around (see departures.py)."""
+"""Evidence for the guest driver behaviour the bed works around (see driver_issues.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.guest.conftest import need_guest
-from vnetbackend.qemu.departures import expectation, folded_queue
-from vnetbackend.qemu.features import virtio_net_path
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.checker import expectation
+from vnetbackend.qemu.command import DEVICE_ID
+from vnetbackend.qemu.device import find_net_device
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.testbed.batch import observe_batch
+from vnetbackend.testbed.driver_issues import folded_queue
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.guest import GuestOptions, boot_guest
 from vnetbackend.testbed.injector import silence_host_stack
@@ -33,9 +35,9 @@ async def test_stale_max_tx_vq_folds_queues_beyond_the_boot_count():
                             classes=["ipv4_tcp", "ipv4_udp", "ipv6_tcp", "ipv6_udp"])
         records = {(r.l3_len, r.protocol): r
                    for r in await observe_batch(guest.tap_name, observer, probes)}
-        path = await virtio_net_path(guest.control)
+        device = await find_net_device(guest.control, DEVICE_ID)
         rx2 = await guest.control.execute("x-query-virtio-queue-status",
-                                          {"path": path, "queue": 4})
+                                          {"path": device.virtio_path, "queue": 4})
     expected = [expectation(config, p.frame) for p in probes]
     assert {e.queue for e in expected} == {0, 1, 2, 3}
     seen = [records[p.l3_len, p.ethertype] for p in probes]

@@ -11,6 +11,8 @@ from qemu.qmp import QMPClient
 
 from tests.guest.conftest import RssBed, need_guest
 from vnetbackend import tap
+from vnetbackend.qemu.command import DEVICE_ID
+from vnetbackend.qemu.device import NetDevice, find_net_device
 from vnetbackend.qemu.features import (
     CTRL_VQ,
     HASH_REPORT,
@@ -20,27 +22,28 @@ from vnetbackend.qemu.features import (
     VirtioFeatures,
     query_features,
 )
-from vnetbackend.qemu.launch import QemuProcess, VmSpec
 from vnetbackend.testbed.guest import GuestOptions, boot_guest, unique_tap_name
 from vnetbackend.testbed.image import find_guest_image
+from vnetbackend.testbed.vm import QemuProcess, VmSpec
 
 pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
 
 
-async def _features_over(socket: Path) -> VirtioFeatures:
-    """The device's features, asked over a QMP connection of our own to *socket*."""
+async def _features_over(socket: Path) -> tuple[NetDevice, VirtioFeatures]:
+    """The device and its features, asked over a QMP connection of our own to *socket*."""
     qmp = QMPClient("negotiation-test")
     await qmp.connect(str(socket))
     try:
-        return await query_features(qmp)
+        device = await find_net_device(qmp, DEVICE_ID)
+        return device, await query_features(qmp, device)
     finally:
         await qmp.disconnect()
 
 
 async def test_rss_and_hash_report_negotiated(rss_bed: RssBed):
     need_guest()
-    features = await _features_over(rss_bed.guest.qmp_socket)
-    assert features.path == "/machine/peripheral/vnet0/virtio-backend"
+    device, features = await _features_over(rss_bed.guest.qmp_socket)
+    assert device.virtio_path == "/machine/peripheral/vnet0/virtio-backend"
     assert features.driver_ok
     assert {RSS, HASH_REPORT, MQ, CTRL_VQ} <= features.negotiated
     assert features.state(RSS) is Negotiation.NEGOTIATED
@@ -52,8 +55,10 @@ async def test_rss_and_hash_report_absent_when_switched_off():
     # Eight queue pairs on two vCPUs: also shows the device takes the largest queue count.
     options = GuestOptions(queues=8, cpus=2, rss=False, hash_report=False)
     async with boot_guest(options) as guest:
-        features = await query_features(guest.control)
-        status = await guest.control.execute("x-query-virtio-status", {"path": features.path})
+        device = await find_net_device(guest.control, DEVICE_ID)
+        features = await query_features(guest.control, device)
+        status = await guest.control.execute("x-query-virtio-status",
+                                             {"path": device.virtio_path})
     assert status["num-vqs"] == 2 * 8 + 1
     assert features.driver_ok
     assert {MQ, CTRL_VQ} <= features.negotiated
@@ -75,7 +80,7 @@ async def test_driver_not_ready_is_a_state(tmp_path: Path):
         spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=(fd,),
                       run_dir=tmp_path, paused=True, agent_port=False)
         qemu = await QemuProcess.start(spec)
-        features = await _features_over(spec.paths.qmp_socket)
+        _, features = await _features_over(spec.paths.qmp_socket)
     finally:
         if qemu is not None:
             await qemu.stop()

@@ -15,9 +15,15 @@ import pytest
 from tests.guest.conftest import RSS_GUEST_QUEUES, RssBed, need_guest
 from vnetbackend.qemu.departures import DEPARTURES
 from vnetbackend.rss import ALL_HASH_TYPES, HashReport, HashType
-from vnetbackend.rss.samples import MICROSOFT_KEY
-from vnetbackend.testbed.batch import check_batch, report
-from vnetbackend.testbed.check import departed
+from vnetbackend.rss.vectors import MICROSOFT_KEY
+from vnetbackend.testbed.batch import (
+    check_batch,
+    departed,
+    guest_verdicts,
+    mismatches,
+    observe_batch,
+    report,
+)
 from vnetbackend.testbed.ethtool import FLOW_TYPES
 from vnetbackend.testbed.traffic import make_batch, make_truncated_batch
 
@@ -82,8 +88,8 @@ async def test_guest_hashes_and_queues_match_the_model(rss_bed: RssBed, case: Gu
         assert used == {q for q, w in enumerate(case.weights) if w}
 
     probes = make_batch(rss_bed.guest.mac, per_class=4, seed=zlib.crc32(case.name.encode()))
-    mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
-    assert not mismatches, report(config, mismatches)
+    failed = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
+    assert not failed, report(config, failed)
     # Frames really spread over the table's queues.
     assert {config.steer(p.frame).queue for p in probes} == used
 
@@ -95,10 +101,12 @@ async def test_departures_occur_exactly_as_documented(rss_bed: RssBed):
     config = await rss_bed.rss.read_config()
     classes = ["ipv6_auth_header_tcp", "ipv6_atomic_fragment_udp", "ipv6_long_chain_tcp"]
     probes = make_batch(rss_bed.guest.mac, per_class=8, seed=11, classes=classes)
-    counts = departed(config, probes)
+    records = await observe_batch(rss_bed.guest.tap_name, rss_bed.observer, probes)
+    verdicts = guest_verdicts(config, probes, records)
+    counts = departed(verdicts)
     assert set(counts) == {d.name for d in DEPARTURES}
-    mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
-    assert not mismatches, report(config, mismatches)
+    failed = mismatches(verdicts)
+    assert not failed, report(config, failed)
 
 
 async def test_truncated_frames_match_the_model(rss_bed: RssBed):
@@ -109,5 +117,5 @@ async def test_truncated_frames_match_the_model(rss_bed: RssBed):
     probes = make_truncated_batch(rss_bed.guest.mac, seed=4)
     reports = {config.steer(p.frame).report for p in probes}
     assert {HashReport.IPV4, HashReport.UDPV4, HashReport.IPV6, HashReport.TCPV6} <= reports
-    mismatches = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
-    assert not mismatches, report(config, mismatches)
+    failed = await check_batch(rss_bed.guest.tap_name, rss_bed.observer, config, probes)
+    assert not failed, report(config, failed)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from vnetbackend import frames as f
 from vnetbackend.qemu.departures import ATOMIC_FRAGMENT, AUTH_HEADER_LENGTH, LONG_CHAIN
 from vnetbackend.qemu.features import (
     HASH_REPORT,
@@ -17,9 +16,9 @@ from vnetbackend.qemu.features import (
     VirtioFeatures,
     feature_names,
 )
-from vnetbackend.qemu.launch import LaunchError, VmSpec, qemu_command
 from vnetbackend.rss import HashReport, HashType, RssConfig, toeplitz
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.rss.vectors import MICROSOFT_KEY
+from vnetbackend.testbed import frames as f
 from vnetbackend.testbed.ethtool import (
     EthtoolFormatError,
     hash_types_from_flows,
@@ -34,6 +33,7 @@ from vnetbackend.testbed.traffic import (
     make_batch,
     make_truncated_batch,
 )
+from vnetbackend.testbed.vm import LaunchError, VmSpec, qemu_command
 
 RXFH = """RX flow hash indirection table for eth0 with 4 RX ring(s):
     0:      0     1     2     0     1     2     0     1
@@ -143,11 +143,9 @@ def test_each_departure_recognises_only_its_class():
     owners = {AUTH_HEADER_LENGTH: "ipv6_auth_header_tcp",
               ATOMIC_FRAGMENT: "ipv6_atomic_fragment_udp",
               LONG_CHAIN: "ipv6_long_chain_tcp"}
-    config = RssConfig(hash_types=0x3F, key=MICROSOFT_KEY, indirection_table=range(4),
-                       queues=4)
     for probe in make_batch(MAC, per_class=4, seed=3):
         for departure, owner in owners.items():
-            assert departure.applies(config, probe.frame) == (probe.frame_class == owner), (
+            assert departure.recognises(probe.frame) == (probe.frame_class == owner), (
                 departure.name, probe.frame_class)
 
 
@@ -216,9 +214,9 @@ def test_feature_names_and_negotiation_states():
                              "VIRTIO_NET_F_HASH_REPORT: Hash reporting supported",
                              "VIRTIO_NET_F_MQ: Multiqueue"])
     assert offered == {RSS, HASH_REPORT, "VIRTIO_NET_F_MQ"}
-    booting = VirtioFeatures("/p", offered, frozenset(), frozenset())
+    booting = VirtioFeatures(offered, frozenset(), frozenset())
     assert booting.state(RSS) is Negotiation.DRIVER_NOT_READY
-    declined = VirtioFeatures("/p", offered, frozenset({"VIRTIO_NET_F_MQ"}),
+    declined = VirtioFeatures(offered, frozenset({"VIRTIO_NET_F_MQ"}),
                               frozenset({"VIRTIO_CONFIG_S_FEATURES_OK"}))
     assert declined.state(RSS) is Negotiation.DECLINED
     assert declined.state("VIRTIO_NET_F_MQ") is Negotiation.NEGOTIATED

@@ -12,9 +12,8 @@ import argparse
 import asyncio
 import time
 
-from vnetbackend.rss.samples import MICROSOFT_KEY
-from vnetbackend.testbed.batch import observe_batch
-from vnetbackend.testbed.check import compare
+from vnetbackend.rss.vectors import MICROSOFT_KEY
+from vnetbackend.testbed.batch import guest_verdicts, mismatches, observe_batch
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.guest import GuestOptions, boot_guest
 from vnetbackend.testbed.injector import silence_host_stack
@@ -45,10 +44,10 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
             probes = make_batch(guest.mac, per_class=args.per_class, seed=round_)
             start = time.perf_counter()
             records = await observe_batch(guest.tap_name, observer, probes)
-            mismatches = compare(config, probes, records)
+            failed = mismatches(guest_verdicts(config, probes, records))
             batch_seconds.append(time.perf_counter() - start)
             checked += len(probes)
-            mismatched += len(mismatches)
+            mismatched += len(failed)
         elapsed = sum(batch_seconds)
         return {
             "benchmark": "guest",

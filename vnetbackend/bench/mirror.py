@@ -28,8 +28,9 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from vnetbackend import runner
-from vnetbackend.daemon import Daemon
+from vnetbackend.daemon import launch
+from vnetbackend.daemon.lifecycle import Daemon
+from vnetbackend.errors import VnetError
 from vnetbackend.testbed.ethtool import DEVICE, GuestRss
 from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest
 
@@ -42,7 +43,7 @@ FAILURE_EVENTS = frozenset({"VNET_RSS_REFUSED", "VNET_STEERING_FAILED",
                             "VNET_GUEST_RSS_REJECTED"})
 
 
-class MirrorBenchError(RuntimeError):
+class MirrorBenchError(VnetError):
     """The mirror did not record one latency per change."""
 
 
@@ -120,7 +121,7 @@ async def wait_attached(daemon: Daemon, monitor: QMPClient) -> None:
 async def serving_daemon(guest: Guest, scratch: Path) -> AsyncIterator[tuple[Daemon, QMPClient]]:
     """The daemon attached to *guest* and serving, with a client on its monitor."""
     monitor_path = scratch / "monitor.sock"
-    async with runner.attached(guest.qmp_socket, guest.tap_name, scratch / "run",
+    async with launch.attached(guest.qmp_socket, guest.tap_name, scratch / "run",
                                monitor_path) as daemon:
         serving = asyncio.create_task(daemon.serve())
         monitor = QMPClient("bench-mirror")

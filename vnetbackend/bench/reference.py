@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from vnetbackend.bench.samples import sample_frames
 from vnetbackend.rss import ALL_HASH_TYPES, RssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY, sample_frames
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

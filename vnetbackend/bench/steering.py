@@ -20,8 +20,9 @@ import ctypes
 import statistics
 from collections.abc import Callable
 
+from vnetbackend.bench.samples import sample_frames
 from vnetbackend.rss import ALL_HASH_TYPES, RssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY, sample_frames
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering import SteeringProgram, prog_test_run
 from vnetbackend.steering.layout import SteeringReport
 from vnetbackend.steering.program import DEFAULT_RING_PAGES

@@ -3,8 +3,7 @@
 Each `Departure` names a frame class, what the specification gives, what QEMU does, the
 evidence, a predicate that recognises such frames and QEMU's steering for them. The
 guest checks expect QEMU's behaviour for recognised frames, so a departure is asserted
-to be exactly as documented rather than hidden; `check.departed` counts the frames for
-which it made a difference.
+to be exactly as documented rather than hidden (`vnetbackend.checker`).
 
 Found with the guest tests (Debian 6.1 guest, QEMU 7.2.22, hash types 0x3f, key and
 table read back with ethtool -x); the reported hashes were recomputed by hand with
@@ -34,6 +33,7 @@ from vnetbackend.rss.frame import (
     IPV6_EXT_HEADERS,
     MAX_EXT_HEADERS,
     ParsedFrame,
+    outer_ethertype,
     parse_frame,
 )
 
@@ -51,9 +51,6 @@ class Departure:
     evidence: str
     recognises: Callable[[bytes], bool]
     qemu_steer: Callable[[RssConfig, bytes], Steering]
-
-    def applies(self, config: RssConfig, frame: bytes) -> bool:
-        return self.recognises(frame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +70,7 @@ def _qemu_chain(frame: bytes) -> _Chain | None:
     Cached: each departure's predicate and steering walk the same frame again.
     """
     parsed = parse_frame(frame)
-    if parsed.ip_version != 6 or int.from_bytes(frame[12:14], "big") != ETH_P_IPV6:
+    if parsed.ip_version != 6 or outer_ethertype(frame) != ETH_P_IPV6:
         return None
     off = parsed.l3_offset
     next_header, pos = frame[off + 6], off + 40
@@ -181,75 +178,17 @@ LONG_CHAIN = Departure(
 DEPARTURES: tuple[Departure, ...] = (AUTH_HEADER_LENGTH, ATOMIC_FRAGMENT, LONG_CHAIN)
 
 
-@dataclass(frozen=True, slots=True)
-class DriverIssue:
-    """A behaviour of the guest's driver (with QEMU) that the bed must work around."""
-
-    name: str
-    description: str
-    evidence: str
-    workaround: str
-
-
-STALE_MAX_TX_VQ = DriverIssue(
-    name="linux-6.1-stale-max-tx-vq",
-    description="Linux 6.1's virtio_net fills max_tx_vq of every RSS command with the queue "
-                "pair count it had at probe time (one per CPU), even after ethtool -L "
-                "raised it. QEMU 7.2 takes max_tx_vq as the number of active pairs, so the "
-                "guest uses N queues while QEMU serves fewer (A): a frame RSS steers to "
-                "queue q >= A arrives on queue q mod A, with the right hash.",
-    evidence="2 vCPUs, 4 queue pairs, ethtool -L combined 4, then -X equal 4: frames the "
-             "model steers to queues 2 and 3 arrived on queues 0 and 1; QMP "
-             "x-query-virtio-queue-status of rx queue 2 kept used-idx 0",
-    workaround="boot with as many vCPUs as queue pairs and only lower the count with "
-               "ethtool -L (GuestOptions.cpus defaults to queues)",
-)
-
-
-def folded_queue(queue: int, active_pairs: int) -> int:
-    """Where a frame steered to *queue* arrives when QEMU serves *active_pairs* pairs."""
-    return queue % active_pairs
-
-
-@dataclass(frozen=True, slots=True)
-class Expectation:
-    """What the guest should see for one frame: queue, hash, L4 or not."""
-
-    queue: int
-    hash: int
-    l4_hash: bool
-    departure: str | None = None
-
-    @classmethod
-    def from_steering(cls, steering: Steering, departure: str | None = None) -> Expectation:
-        return cls(steering.queue, steering.hash, steering.report.is_l4, departure)
-
-    def describe(self) -> str:
-        how = f" (departure {self.departure})" if self.departure else ""
-        return f"queue {self.queue} hash 0x{self.hash:08x} l4 {int(self.l4_hash)}{how}"
-
-
 def may_depart(parsed: ParsedFrame) -> bool:
     """Whether any departure here can concern the frame: all are about IPv6 extension
     headers, so other frames need not be tried against each predicate."""
     return parsed.ip_version == 6 and parsed.has_ext_headers
 
 
-def find_departure(config: RssConfig, frame: bytes, parsed: ParsedFrame,
+def find_departure(frame: bytes, parsed: ParsedFrame,
                    departures: Sequence[Departure] = DEPARTURES) -> Departure | None:
     """The departure that concerns *frame* (read as *parsed*), if any."""
     if may_depart(parsed):
         for departure in departures:
-            if departure.applies(config, frame):
+            if departure.recognises(frame):
                 return departure
     return None
-
-
-def expectation(config: RssConfig, frame: bytes,
-                departures: Sequence[Departure] = DEPARTURES) -> Expectation:
-    """The model's steering for *frame*, or a matching departure's account of QEMU's."""
-    parsed = parse_frame(frame)
-    departure = find_departure(config, frame, parsed, departures)
-    if departure is not None:
-        return Expectation.from_steering(departure.qemu_steer(config, frame), departure.name)
-    return Expectation.from_steering(config.steer_parsed(parsed))

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from vnetbackend.errors import VnetError
 from vnetbackend.qemu.snapshot import RssState, device_rss_state
 
 
-class DeviceNotFound(LookupError):
+class DeviceNotFound(VnetError, LookupError):
     """QEMU has no virtio-net PCI device with the requested id."""
+
+VIRTIO_NET = "virtio-net"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +33,28 @@ class NetDevice:
 
 
 async def find_net_device(qmp: QMPClient, qdev_id: str) -> NetDevice:
-    """Locate the virtio-net device *qdev_id* on the root PCI bus."""
+    """Locate the virtio-net device *qdev_id* on the root PCI bus.
+
+    Raises `DeviceNotFound` unless QEMU lists a PCI device with that id and a virtio-net
+    device at its virtio path.
+    """
     for bus in await qmp.execute("query-pci"):
         for dev in bus["devices"]:
             if dev.get("qdev_id") == qdev_id:
                 address = f"0000:{bus['bus']:02x}:{dev['slot']:02x}.{dev['function']}"
-                return NetDevice(qdev_id, address)
-    raise DeviceNotFound(f"no PCI device with id {qdev_id!r} in QEMU")
+                device = NetDevice(qdev_id, address)
+                break
+        else:
+            continue
+        break
+    else:
+        raise DeviceNotFound(f"no PCI device with id {qdev_id!r} in QEMU")
+    virtio = {d["path"]: d["name"] for d in await qmp.execute("x-query-virtio")}
+    if virtio.get(device.virtio_path) != VIRTIO_NET:
+        found = virtio.get(device.virtio_path, "no virtio device")
+        raise DeviceNotFound(f"PCI device {qdev_id!r} is not virtio-net ({found} at "
+                             f"{device.virtio_path})")
+    return device
 
 
 async def read_rss_state(qmp: QMPClient, device: NetDevice) -> RssState | None:

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
 
-VIRTIO_NET = "virtio-net"
+from vnetbackend.qemu.device import NetDevice
+
 RSS = "VIRTIO_NET_F_RSS"
 HASH_REPORT = "VIRTIO_NET_F_HASH_REPORT"
 MQ = "VIRTIO_NET_F_MQ"
 CTRL_VQ = "VIRTIO_NET_F_CTRL_VQ"
 FEATURES_OK = "VIRTIO_CONFIG_S_FEATURES_OK"
 DRIVER_OK = "VIRTIO_CONFIG_S_DRIVER_OK"
-
-
-class NoVirtioNetDevice(LookupError):
-    """QEMU has no (or no such) virtio-net device."""
+#: What vnetbackend needs the device to offer, and wants the guest to take.
+WANTED_FEATURES = (RSS, HASH_REPORT, MQ, CTRL_VQ)
 
 
 class Negotiation(enum.Enum):
@@ -45,12 +44,12 @@ def feature_names(descriptions: Iterable[str]) -> frozenset[str]:
 
 @dataclass(frozen=True, slots=True)
 class VirtioFeatures:
-    """Offered and negotiated feature names (device and transport bits) of one device."""
+    """Offered and negotiated feature names (device and transport bits) of one device,
+    and its status bits; empty until first read."""
 
-    path: str
-    offered: frozenset[str]
-    negotiated: frozenset[str]
-    statuses: frozenset[str]
+    offered: frozenset[str] = frozenset()
+    negotiated: frozenset[str] = frozenset()
+    statuses: frozenset[str] = frozenset()
 
     @property
     def features_ok(self) -> bool:
@@ -70,18 +69,15 @@ class VirtioFeatures:
             return Negotiation.DRIVER_NOT_READY
         return Negotiation.DECLINED
 
-
-async def virtio_net_path(qmp: QMPClient, qdev_id: str | None = None) -> str:
-    """The QOM path of the virtio-net device (of qdev *qdev_id* if QEMU has several)."""
-    devices = [d for d in await qmp.execute("x-query-virtio") if d["name"] == VIRTIO_NET]
-    if qdev_id is not None:
-        wanted = f"/machine/peripheral/{qdev_id}/"
-        devices = [d for d in devices if d["path"].startswith(wanted)]
-    if len(devices) != 1:
-        which = f" with id {qdev_id!r}" if qdev_id else ""
-        found = ", ".join(d["path"] for d in devices) or "none"
-        raise NoVirtioNetDevice(f"expected one virtio-net device{which}, found: {found}")
-    return str(devices[0]["path"])
+    def view(self) -> dict[str, object]:
+        """The wanted features' side of this, JSON-ready, for ``query-vnet`` and events."""
+        return {
+            "offered": sorted(f for f in self.offered if f in WANTED_FEATURES),
+            "negotiated": sorted(f for f in self.negotiated if f in WANTED_FEATURES),
+            "missing-offers": sorted(set(WANTED_FEATURES) - self.offered),
+            "driver-ready": self.features_ok,
+            "driver-ok": self.driver_ok,
+        }
 
 
 def _names(section: dict[str, object]) -> frozenset[str]:
@@ -93,14 +89,11 @@ def _names(section: dict[str, object]) -> frozenset[str]:
     return feature_names(strings)
 
 
-async def query_features(qmp: QMPClient, path: str | None = None) -> VirtioFeatures:
-    """The features of the virtio-net device at *path* (found with x-query-virtio if None)."""
-    if path is None:
-        path = await virtio_net_path(qmp)
-    status = await qmp.execute("x-query-virtio-status", {"path": path})
+async def query_features(qmp: QMPClient, device: NetDevice) -> VirtioFeatures:
+    """The features of *device* as QEMU reports them now."""
+    status = await qmp.execute("x-query-virtio-status", {"path": device.virtio_path})
     statuses = status.get("status", {}).get("statuses", [])
     return VirtioFeatures(
-        path=path,
         offered=_names(status.get("host-features", {})),
         negotiated=_names(status.get("guest-features", {})),
         statuses=feature_names(statuses),

@@ -24,8 +24,10 @@ from types import TracebackType
 import aiofiles
 from qemu.qmp import QMPClient
 
-from vnetbackend.qemu.inotify import FileWatch
+from vnetbackend.filewatch import FileWatch
 
+#: The QEMU trace events the follower reads (switched on over QMP).
+TRACE_EVENTS = "virtio_net_rss_*"
 _LINE = re.compile(
     r"^(?:(?P<pid>\d+)@(?P<sec>\d+)\.(?P<usec>\d{6}):)?virtio_net_rss_"
     r"(?P<kind>enable|disable|error)\b ?(?P<args>.*)$"

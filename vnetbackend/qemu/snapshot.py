@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from vnetbackend.errors import VnetError
 from vnetbackend.rss import RssConfig
 
 STREAM_MAGIC = b"QEVM"
@@ -28,7 +29,7 @@ KEY_FIELD_SIZE = 40
 _FIXED = struct.Struct(">BBBIHH")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(VnetError, ValueError):
     """A device-state file that cannot be read as QEMU's stream, or whose RSS part is bad."""
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from vnetbackend.errors import VnetError
 from vnetbackend.rss.frame import ParsedFrame, parse_frame, select_hash_input
 from vnetbackend.rss.toeplitz import ByteTables, hash_with_tables, tables_for
 from vnetbackend.rss.types import (
@@ -15,10 +16,11 @@ from vnetbackend.rss.types import (
     MAX_TABLE_LENGTH,
     HashReport,
     HashType,
+    format_hash_types,
 )
 
 
-class InvalidRssConfig(ValueError):
+class InvalidRssConfig(VnetError, ValueError):
     """An RSS configuration value the device cannot accept.
 
     ``field`` names the offending field and ``value`` holds what was given.
@@ -134,3 +136,17 @@ def _check_table(table: Sequence[int], queues: int) -> tuple[int, ...]:
     for index, queue in enumerate(entries):
         _check_queue(f"indirection_table[{index}]", queue, queues)
     return entries
+
+
+def rss_view(config: RssConfig | None) -> dict[str, Any] | None:
+    """*config* as JSON-ready values (None stays None), for events and query results."""
+    if config is None:
+        return None
+    return {
+        "hash-types": int(config.hash_types),
+        "hash-type-names": format_hash_types(config.hash_types),
+        "key": config.key.hex(),
+        "indirection-table": list(config.indirection_table),
+        "unclassified-queue": config.unclassified_queue,
+        "queues": config.queues,
+    }

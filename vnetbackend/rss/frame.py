@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from vnetbackend.rss.types import HashReport, HashType
 
+ETH_HEADER_LEN = 14
 ETH_P_IPV4 = 0x0800
 ETH_P_IPV6 = 0x86DD
 VLAN_TPIDS = (0x8100, 0x88A8)
@@ -78,12 +79,19 @@ class ParsedFrame:
         return self.frame_len - self.l3_offset if self.ip_version else 0
 
 
+def outer_ethertype(frame: bytes) -> int:
+    """The ethertype after the MAC addresses (a VLAN TPID if tagged); 0 if too short."""
+    if len(frame) < ETH_HEADER_LEN:
+        return 0
+    return int.from_bytes(frame[ETH_HEADER_LEN - 2 : ETH_HEADER_LEN], "big")
+
+
 def _l3_offset(frame: bytes) -> tuple[int, int]:
     """(ethertype, offset of the L3 header) after up to two VLAN tags; (0, 0) if short."""
-    if len(frame) < 14:
+    if len(frame) < ETH_HEADER_LEN:
         return 0, 0
-    ethertype = int.from_bytes(frame[12:14], "big")
-    offset = 14
+    ethertype = outer_ethertype(frame)
+    offset = ETH_HEADER_LEN
     for _ in range(MAX_VLAN_TAGS):
         if ethertype not in VLAN_TPIDS:
             break

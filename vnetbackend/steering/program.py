@@ -25,7 +25,8 @@ from pathlib import Path
 from types import TracebackType
 
 from vnetbackend import tap
-from vnetbackend.rss import InvalidRssConfig, RssConfig
+from vnetbackend.errors import VnetError
+from vnetbackend.rss import RssConfig
 from vnetbackend.rss.toeplitz import tables_for
 from vnetbackend.rss.types import MAX_HASH_INPUT
 from vnetbackend.steering.layout import (
@@ -42,7 +43,7 @@ SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
 DEFAULT_RING_PAGES = 64
 
 
-class SteeringError(RuntimeError):
+class SteeringError(VnetError):
     """The steering program could not be loaded, or its maps not read or written."""
 
 
@@ -111,6 +112,11 @@ class SteeringProgram:
     def fd(self) -> int:
         """The program's fd, for TUNSETSTEERINGEBPF or BPF_PROG_TEST_RUN."""
         return self._function.fd
+
+    @property
+    def map_fds(self) -> dict[str, int]:
+        """The fds of the program's maps by name, for tools that read or alter them."""
+        return dict(self._fds)
 
     def close(self) -> None:
         """Unload (a tap the program is attached to keeps its own reference)."""
@@ -202,23 +208,6 @@ class SteeringProgram:
     def read_config(self) -> RssConfig | None:
         """The live RssConfig, or None while RSS is off (see `read_state`)."""
         return self.read_state().config
-
-    # -- test-only skews ----------------------------------------------------------------
-
-    def skew_indirection_entry(self, index: int, queue: int) -> None:
-        """Test only: overwrite one indirection entry of the live slot in place."""
-        slot_index, slot = self._active_slot()
-        if not 0 <= index < slot.table_length:
-            raise InvalidRssConfig("indirection_table index", index,
-                                   f"outside 0..{slot.table_length - 1}")
-        slot.indirection[index] = queue
-        self._update("rss_slots", slot_index, slot)
-
-    def skew_toeplitz_entry(self, position: int, byte: int, value: int) -> None:
-        """Test only: overwrite one Toeplitz table entry of the live slot in place."""
-        slot_index, slot = self._active_slot()
-        slot.toeplitz[position][byte] = value
-        self._update("rss_slots", slot_index, slot)
 
     # -- reports and counters -----------------------------------------------------------
 

@@ -13,11 +13,12 @@ import ctypes as ct
 import os
 from typing import NamedTuple
 
+from vnetbackend.rss.frame import ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, outer_ethertype
+
 SYS_BPF = 321  # x86_64
 BPF_PROG_TEST_RUN = 10
-ETH_HEADER_LEN = 14
 #: Shortest test frame the kernel takes, by outer ethertype (IPv4 and IPv6 headers).
-_MIN_LEN_BY_ETHERTYPE = {0x0800: ETH_HEADER_LEN + 20, 0x86DD: ETH_HEADER_LEN + 40}
+_MIN_LEN_BY_ETHERTYPE = {ETH_P_IPV4: ETH_HEADER_LEN + 20, ETH_P_IPV6: ETH_HEADER_LEN + 40}
 
 _libc = ct.CDLL(None, use_errno=True)
 
@@ -56,7 +57,7 @@ def min_frame_len(frame: bytes) -> int:
     """The shortest frame with *frame*'s outer ethertype that the kernel will test-run."""
     if len(frame) < ETH_HEADER_LEN:
         return ETH_HEADER_LEN
-    return _MIN_LEN_BY_ETHERTYPE.get(int.from_bytes(frame[12:14], "big"), ETH_HEADER_LEN)
+    return _MIN_LEN_BY_ETHERTYPE.get(outer_ethertype(frame), ETH_HEADER_LEN)
 
 
 def runnable(frame: bytes) -> bool:

@@ -18,13 +18,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vnetbackend.errors import VnetError
+
 READY = b"VNET-GUEST-READY"
 FAILED = b"VNET-GUEST-FAILED"
 #: Longest reply accepted; ``cat`` of a full trace buffer stays well below.
 MAX_REPLY = 64 << 20
 
 
-class AgentError(RuntimeError):
+class AgentError(VnetError):
     """The agent channel broke, timed out or the guest reported it cannot serve."""
 
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vnetbackend.errors import VnetError
 from vnetbackend.rss import HashType, RssConfig
 from vnetbackend.testbed.agent import GuestAgent
 
@@ -31,7 +32,7 @@ IP_FIELDS = frozenset({"IP SA", "IP DA"})
 L4_FIELDS = IP_FIELDS | {"L4 bytes 0 & 1 [TCP/UDP src port]", "L4 bytes 2 & 3 [TCP/UDP dst port]"}
 
 
-class EthtoolFormatError(ValueError):
+class EthtoolFormatError(VnetError, ValueError):
     """ethtool printed something this parser does not understand."""
 
 

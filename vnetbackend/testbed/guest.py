@@ -26,10 +26,12 @@ from pathlib import Path
 from qemu.qmp import QMPClient, QMPError
 
 from vnetbackend import tap
-from vnetbackend.qemu.inotify import FileWatch
-from vnetbackend.qemu.launch import GUEST_MAC, QemuProcess, VmPaths, VmSpec, quoted
+from vnetbackend.errors import VnetError
+from vnetbackend.filewatch import FileWatch
+from vnetbackend.qemu.process import quoted
 from vnetbackend.testbed.agent import AgentError, GuestAgent
 from vnetbackend.testbed.image import GuestImage, find_guest_image
+from vnetbackend.testbed.vm import GUEST_MAC_BYTES, QemuProcess, VmPaths, VmSpec
 
 #: Boot-to-ready under TCG is ~5 s on an idle machine; the test machine is shared.
 DEFAULT_READY_TIMEOUT = 180.0
@@ -45,7 +47,7 @@ QEMU_EXIT_GRACE = 5.0
 _names = itertools.count()
 
 
-class GuestBootError(RuntimeError):
+class GuestBootError(VnetError):
     """The guest did not become ready; the message carries its console and QEMU's log."""
 
     def __init__(self, reason: str, console: str, qemu_log: str, command: str = "") -> None:
@@ -61,8 +63,8 @@ class GuestBootError(RuntimeError):
 class GuestStalled(UserWarning):
     """A booting guest's console went silent before it was ready: it is taken for hung.
 
-    Raised by one boot and issued as a warning when another boot follows; it carries the
-    console, QEMU's log and command, and where each vCPU was (HMP ``info cpus``).
+    Issued as a warning when another boot follows; it carries the console, QEMU's log
+    and command, and where each vCPU was (HMP ``info cpus``).
     """
 
     def __init__(self, reason: str, console: str, qemu_log: str, command: str,
@@ -79,6 +81,14 @@ class GuestStalled(UserWarning):
 
 class _ConsoleSilent(AgentError):
     """Nothing reached the guest's console for the stall timeout."""
+
+
+class _BootStalled(VnetError):
+    """One boot hung; *stall* is the evidence, for the warning or the final error."""
+
+    def __init__(self, stall: GuestStalled) -> None:
+        super().__init__(str(stall))
+        self.stall = stall
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +245,9 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
             vm.callback(shutil.rmtree, run_dir, ignore_errors=True)
             try:
                 guest = await _boot_vm(vm, name, spec, options)
-            except GuestStalled as stall:
+            except _BootStalled as hung:
                 await vm.aclose()
+                stall = hung.stall
                 if attempt == BOOT_ATTEMPTS:
                     raise GuestBootError(f"{stall.reason}, in each of {attempt} boots\n"
                                          f"--- vCPUs ---\n{stall.vcpus.strip()}",
@@ -256,7 +267,7 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
                    options: GuestOptions) -> Guest:
     """Start QEMU on *spec* and wait for the guest to be ready; *vm* takes its teardown.
 
-    Raises `GuestStalled` when the console goes silent first, `GuestBootError` on any
+    Raises `_BootStalled` when the console goes silent first, `GuestBootError` on any
     other failure.
     """
     started = time.monotonic()
@@ -271,12 +282,13 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
         await _let_guest_run(control, timeout=30.0)
         await _wait_ready(qemu, agent, options.ready_timeout, options.stall_timeout)
     except _ConsoleSilent as silent:
-        raise GuestStalled(str(silent), qemu.console_text(), qemu.log_text(),
-                           quoted(qemu.argv), await _vcpu_state(control)) from None
+        raise _BootStalled(GuestStalled(str(silent), qemu.console_text(), qemu.log_text(),
+                                        quoted(qemu.argv), await _vcpu_state(control))
+                           ) from None
     except (AgentError, OSError, QMPError) as err:
         raise GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
                              quoted(qemu.argv)) from None
-    return Guest(tap_name=tap_name, mac=bytes.fromhex(GUEST_MAC.replace(":", "")), qemu=qemu,
+    return Guest(tap_name=tap_name, mac=GUEST_MAC_BYTES, qemu=qemu,
                  agent=agent, control=control, boot_seconds=time.monotonic() - started,
                  queue_fds=list(spec.tap_fds))
 

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
+from vnetbackend.errors import VnetError
 
-class InjectError(OSError):
+
+class InjectError(VnetError, OSError):
     """A frame could not be sent into the tap."""
 
 

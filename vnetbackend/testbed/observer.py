@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vnetbackend.checker import Expectation, guest_key
+from vnetbackend.errors import VnetError
 from vnetbackend.testbed.agent import GuestAgent
 
 TRACEFS = "/sys/kernel/tracing"
@@ -28,7 +30,7 @@ REDUCE_SED = (r"s/.* dev=eth0 .*queue_mapping=\([0-9]*\) .* protocol=\(0x[0-9a-f
 _RECORD = re.compile(r"^(\d+) (0x[0-9a-f]+) (0x[0-9a-f]+) (\d+) (\d+)$")
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(VnetError, ValueError):
     """A reduced trace line that does not have the expected five fields."""
 
 
@@ -41,6 +43,13 @@ class RxRecord:
     hash: int
     l4_hash: bool
     l3_len: int
+
+    @classmethod
+    def of(cls, frame: bytes, seen: Expectation) -> RxRecord:
+        """The record the guest gives when *frame* arrives as *seen* says."""
+        l3_len, protocol = guest_key(frame)
+        return cls(queue=seen.queue, protocol=protocol, hash=seen.hash,
+                   l4_hash=seen.l4_hash, l3_len=l3_len)
 
 
 def parse_records(text: str) -> list[RxRecord]:

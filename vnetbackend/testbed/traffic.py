@@ -16,12 +16,11 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vnetbackend import frames as f
-from vnetbackend.rss.frame import IPPROTO_AH
+from vnetbackend.rss.frame import ETH_HEADER_LEN, IPPROTO_AH, outer_ethertype
+from vnetbackend.testbed import frames as f
 
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
-ETH_HEADER = 14
 #: Keep every frame below the guest's 1500-byte MTU.
 MAX_L3_LEN = 1500
 
@@ -49,12 +48,12 @@ class Probe:
     @property
     def l3_len(self) -> int:
         """What the guest's tracepoint reports as ``len``: bytes after the MAC header."""
-        return len(self.frame) - ETH_HEADER
+        return len(self.frame) - ETH_HEADER_LEN
 
     @property
     def ethertype(self) -> int:
         """What the guest reports as ``protocol`` (the first tag's TPID for VLAN frames)."""
-        return int.from_bytes(self.frame[12:14], "big")
+        return outer_ethertype(self.frame)
 
 
 #: A frame class: (random source, payload, destination MAC) -> Ethernet frame.
@@ -236,7 +235,7 @@ def make_batch(dst_mac: bytes, per_class: int = 4, seed: int = 0,
         for name in names:
             build = FRAME_CLASSES[name]
             state = rng.getstate()
-            base = len(build(rng, b"", dst_mac)) - ETH_HEADER
+            base = len(build(rng, b"", dst_mac)) - ETH_HEADER_LEN
             want = max(base, next_len)
             rng.setstate(state)
             probe = Probe(name, build(rng, bytes(want - base), dst_mac))
@@ -256,7 +255,7 @@ def _truncated_ipv4(rng: random.Random, l3_len: int, mac: bytes) -> Probe:
     packet = f.ipv4(*_v4(rng), proto(_port(rng), _port(rng), bytes(20)),
                     options=b"\x01" * (4 * options))
     kind = "tcp" if proto is f.tcp else "udp"
-    return Probe(f"ipv4_truncated_{kind}", f.frame(packet, dst=mac)[: ETH_HEADER + l3_len])
+    return Probe(f"ipv4_truncated_{kind}", f.frame(packet, dst=mac)[: ETH_HEADER_LEN + l3_len])
 
 
 def _truncated_ipv6(rng: random.Random, l3_len: int, mac: bytes) -> Probe:
@@ -267,7 +266,8 @@ def _truncated_ipv6(rng: random.Random, l3_len: int, mac: bytes) -> Probe:
     packet = f.ipv6(*_v6(rng), proto(_port(rng), _port(rng), bytes(40)), ext=ext)
     where = "ext" if l3_len < 40 + ext_len else "l4"
     kind = "tcp" if proto is f.tcp else "udp"
-    return Probe(f"ipv6_truncated_{where}_{kind}", f.frame(packet, dst=mac)[: ETH_HEADER + l3_len])
+    frame = f.frame(packet, dst=mac)[: ETH_HEADER_LEN + l3_len]
+    return Probe(f"ipv6_truncated_{where}_{kind}", frame)
 
 
 def make_truncated_batch(dst_mac: bytes, seed: int = 0) -> list[Probe]:

@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vnetbackend.errors import VnetError
+
 log = logging.getLogger("vnetbackend.qmp")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -46,7 +48,7 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", dict: "an 
                list: "an array"}
 
 
-class QmpCommandError(Exception):
+class QmpCommandError(VnetError):
     """Raised by a command handler to fail the command with a QMP error reply."""
 
     def __init__(self, desc: str, error_class: str = "GenericError") -> None:
@@ -55,7 +57,7 @@ class QmpCommandError(Exception):
         self.error_class = error_class
 
 
-class SocketInUse(Exception):
+class SocketInUse(VnetError):
     """The monitor's socket path belongs to a live server or is not a socket."""
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from vnetbackend import __version__
-from vnetbackend.daemon import Daemon
-from vnetbackend.mirror import describe
-from vnetbackend.qmp_server import Param, QmpServer, VersionInfo
+from vnetbackend.daemon.lifecycle import Daemon
+from vnetbackend.daemon.qmp_server import Param, QmpServer, VersionInfo
+from vnetbackend.rss import rss_view
 from vnetbackend.steering.program import SteeringError
 
 MAX_REPORT_EVERY = 0xFFFFFFFF
@@ -38,7 +38,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
     mirror = daemon.mirror.status
     counters = daemon.program.counters()
     try:
-        maps: dict[str, Any] | str | None = describe(daemon.program.read_config())
+        maps: dict[str, Any] | str | None = rss_view(daemon.program.read_config())
     except SteeringError as err:  # a map no longer matches the key it was built from
         maps = f"inconsistent: {err}"
     state = mirror.state
@@ -48,7 +48,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
         "device": {"id": daemon.device.qdev_id, "pci-address": daemon.device.pci_address},
         "qemu-pid": daemon.qemu_pid,
         "features": daemon.negotiation.view(),
-        "rss": describe(mirror.rss),
+        "rss": rss_view(mirror.rss),
         "rss-state": {
             "enabled": bool(state and state.enabled),
             "redirect": bool(state and state.redirect),

@@ -1,45 +1,44 @@
-"""Building QEMU's command line for a virtio-net RSS guest on a tap, and running QEMU.
+"""The test VM: the test machine booting the test guest on a tap, under QEMU.
 
 The fixed machine (q35, TCG, CPUs, memory) comes from ``qemu-configs/testvm.cfg`` via
-``-readconfig``; everything that varies per VM (kernel, tap queue fds, the device's RSS
-switches, sockets, logs) is added here. The tap queues are fds the caller opened and
-QEMU inherits (``-netdev tap,fds=a:b:..``), so QEMU never needs to create or own the
-tap. Monitors and the agent port are unix sockets this module binds and listens on
-before QEMU starts, handed over by fd: they accept connections at once, with no wait
-for QEMU to come up and no race on the socket file appearing.
-
-Extra arguments and fds (``extra_args``, ``extra_fds``) let a caller such as the daemon
-add, for instance, ``-trace 'virtio_net_rss*' -D FILE -msg timestamp=on``.
+``-readconfig``; the guest (kernel, console, agent port) is added by `guest_args`, the
+virtio-net device and monitors by `vnetbackend.qemu.command`, as for the daemon's own
+QEMU. Monitors and the agent port are unix sockets bound and listening before QEMU
+starts, handed over by fd: they accept connections at once, with no wait for QEMU to
+come up and no race on the socket file appearing. ``extra_args`` and ``extra_fds`` let a
+caller add more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
-import shlex
-import signal
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QEMU_BINARY = "qemu-system-x86_64"
+from vnetbackend.errors import VnetError
+from vnetbackend.qemu.command import (
+    monitor_args,
+    net_device_args,
+    option,
+    socket_chardev_args,
+)
+from vnetbackend.qemu.process import QEMU_BINARY, listen_unix, start_qemu, stop_process
+
 #: The machine settings every test VM shares.
 MACHINE_CONFIG = Path(__file__).resolve().parents[2] / "qemu-configs" / "testvm.cfg"
+#: The test guest's MAC address.
 GUEST_MAC = "52:54:00:56:4e:01"
-NET_DEVICE_ID = "vnet0"
-NETDEV_ID = "tap0"
+GUEST_MAC_BYTES = bytes.fromhex(GUEST_MAC.replace(":", ""))
 SUPPORTED_QUEUES = range(1, 9)
 UNIX_PATH_MAX = 108
-#: util-linux's setpriv sets the parent-death signal and execs QEMU (same pid).
-SETPRIV = "setpriv"
 
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(VnetError):
     """QEMU could not be started, or a VM description is unusable."""
 
 
@@ -125,14 +124,22 @@ class VmPaths:
         set_(self, "qemu_log", self.run_dir / "qemu.log")
 
 
-def _opts(kind: str, **values: object) -> str:
-    """A QEMU option string; booleans become on/off."""
-    parts = [kind]
-    for key, value in values.items():
-        if isinstance(value, bool):
-            value = "on" if value else "off"
-        parts.append(f"{key.replace('_', '-')}={value}")
-    return ",".join(parts)
+def guest_args(kernel: Path, initrd: Path, *, append: str, console_log: Path,
+               agent_fd: int | None, cpus: int | None = None,
+               machine_config: Path = MACHINE_CONFIG) -> list[str]:
+    """The test machine with the test guest's kernel: console to *console_log*, and the
+    agent on ttyS1 if *agent_fd* (a listening unix socket) is given."""
+    argv = [
+        "-readconfig", str(machine_config),
+        "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
+        *(["-smp", str(cpus)] if cpus else []),
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+        "-chardev", option("file", id="console", path=console_log),
+        "-serial", "chardev:console",
+    ]
+    if agent_fd is not None:
+        argv += [*socket_chardev_args("agent", agent_fd), "-serial", "chardev:agent"]
+    return argv
 
 
 def qemu_command(spec: VmSpec, socket_fds: dict[str, int]) -> list[str]:
@@ -141,49 +148,20 @@ def qemu_command(spec: VmSpec, socket_fds: dict[str, int]) -> list[str]:
     Chardev ids: ``qmp`` (the monitor for users such as tests and the daemon),
     ``control`` (the monitor of whoever runs the VM) and ``agent`` (ttyS1).
     """
-    n = spec.queues
     argv = [
-        spec.binary, "-readconfig", str(spec.machine_config),
-        "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
-        *(["-smp", str(spec.cpus)] if spec.cpus else []),
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append,
-        "-chardev", _opts("file", id="console", path=spec.paths.console_log),
-        "-serial", "chardev:console",
-    ]
-    if spec.agent_port:
-        argv += ["-chardev", _opts("socket", id="agent", fd=socket_fds["agent"], server=True,
-                                   wait=False),
-                 "-serial", "chardev:agent"]
-    for monitor in ("control", "qmp"):
-        argv += ["-chardev", _opts("socket", id=monitor, fd=socket_fds[monitor], server=True,
-                                   wait=False),
-                 "-mon", f"chardev={monitor},mode=control"]
-    argv += [
-        "-netdev", _opts("tap", id=NETDEV_ID, fds=":".join(map(str, spec.tap_fds)),
-                         vhost=False),
-        "-device", _opts("virtio-net-pci", id=NET_DEVICE_ID, netdev=NETDEV_ID, mac=spec.mac,
-                         mq=spec.mq, rss=spec.rss, hash=spec.hash_report,
-                         vectors=2 * n + 2),
+        spec.binary,
+        *guest_args(spec.kernel, spec.initrd, append=spec.append,
+                    console_log=spec.paths.console_log, agent_fd=socket_fds.get("agent"),
+                    cpus=spec.cpus, machine_config=spec.machine_config),
+        *monitor_args("control", socket_fds["control"]),
+        *monitor_args("qmp", socket_fds["qmp"]),
+        *net_device_args(spec.tap_fds, mac=spec.mac, rss=spec.rss,
+                         hash_report=spec.hash_report, mq=spec.mq),
     ]
     if spec.paused:
         argv.append("-S")
     argv += spec.extra_args
     return argv
-
-
-def listen_unix(path: Path) -> socket.socket:
-    """A unix socket listening at *path* (a stale file there is replaced), for QEMU to
-    inherit as a ``-chardev socket,fd=N,server=on`` so that clients can connect at once."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        sock.listen(1)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class QemuProcess:
@@ -209,15 +187,13 @@ class QemuProcess:
                 listeners[name] = listen_unix(path)
             fds = {name: sock.fileno() for name, sock in listeners.items()}
             argv = qemu_command(spec, fds)
-            prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if spec.die_with_parent else []
-            with open(paths.qemu_log, "wb") as log:
-                try:
-                    process = await asyncio.create_subprocess_exec(
-                        *prefix, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                        pass_fds=(*spec.tap_fds, *spec.extra_fds, *fds.values()),
-                        start_new_session=True)
-                except OSError as err:
-                    raise LaunchError(f"cannot run {spec.binary}: {err}") from None
+            try:
+                process = await start_qemu(argv, pass_fds=(*spec.tap_fds, *spec.extra_fds,
+                                                            *fds.values()),
+                                           log_path=paths.qemu_log,
+                                           die_with_parent=spec.die_with_parent)
+            except OSError as err:
+                raise LaunchError(f"cannot run {spec.binary}: {err}") from None
         finally:
             for sock in listeners.values():
                 sock.close()
@@ -247,27 +223,8 @@ class QemuProcess:
         return await stop_process(self.process, grace)
 
 
-async def stop_process(process: asyncio.subprocess.Process, grace: float) -> int:
-    """SIGTERM, then SIGKILL after *grace* seconds; the exit status (-signal if killed)."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    return process.returncode if process.returncode is not None else -1
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def quoted(argv: Sequence[str]) -> str:
-    """*argv* as one shell-quoted line, for logs and error messages."""
-    return shlex.join(argv)

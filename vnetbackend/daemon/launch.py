@@ -25,17 +25,17 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient
 
 from vnetbackend import tap
-from vnetbackend.daemon import TRACE_EVENTS, Daemon, Ending
-from vnetbackend.monitor import register_commands, version_info
+from vnetbackend.daemon.lifecycle import Daemon, Ending
+from vnetbackend.daemon.monitor import register_commands, version_info
+from vnetbackend.daemon.qmp_server import QmpServer
+from vnetbackend.qemu.command import DEVICE_ID, monitor_args, net_device_args
 from vnetbackend.qemu.device import find_net_device
-from vnetbackend.qemu.launch import QEMU_BINARY, listen_unix, stop_process
-from vnetbackend.qmp_server import QmpServer
+from vnetbackend.qemu.follower import TRACE_EVENTS
+from vnetbackend.qemu.process import QEMU_BINARY, exit_reason, listen_unix, start_qemu, stop_process
 from vnetbackend.steering.program import SteeringProgram
 
-log = logging.getLogger("vnetbackend.runner")
+log = logging.getLogger("vnetbackend.launch")
 
-DEVICE_ID = "vnet0"
-NETDEV_ID = "vnet0-tap"
 QMP_SOCKET = "qemu-qmp.sock"
 MONITOR_SOCKET = "monitor.sock"
 TRACE_LOG = "rss-trace.log"
@@ -64,17 +64,10 @@ def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int) -> lis
     """QEMU's command line: the user's arguments plus the tap, the device, QMP and trace
     timestamps. The trace events themselves are switched on over QMP (`_enable_trace`),
     as for a QEMU the daemon attaches to, so both ways follow the guest alike."""
-    n = options.queues
-    device = [f"virtio-net-pci,id={DEVICE_ID},netdev={NETDEV_ID},mq=on,rss=on,hash=on,"
-              f"vectors={2 * n + 2}"]
-    if options.mac:
-        device[0] += f",mac={options.mac}"
     return [
         options.qemu_binary, *options.qemu_args,
-        "-netdev", f"tap,id={NETDEV_ID},fds={':'.join(map(str, queue_fds))},vhost=off",
-        "-device", *device,
-        "-chardev", f"socket,id=vnetbackend-qmp,fd={qmp_fd},server=on,wait=off",
-        "-mon", "chardev=vnetbackend-qmp,mode=control", "-msg", "timestamp=on",
+        *net_device_args(queue_fds, mac=options.mac),
+        *monitor_args("vnetbackend-qmp", qmp_fd), "-msg", "timestamp=on",
     ]
 
 
@@ -82,13 +75,6 @@ async def _disconnect(qmp: QMPClient) -> None:
     """Close the QMP connection; QEMU may be gone already (qemu.qmp re-raises its EOF)."""
     with contextlib.suppress(EOFError, ConnectionError):
         await qmp.disconnect()
-
-
-async def _exit_reason(process: asyncio.subprocess.Process) -> str:
-    status = await process.wait()
-    if status < 0:
-        return f"QEMU was killed by signal {-status}"
-    return f"QEMU exited with status {status}"
 
 
 @contextlib.asynccontextmanager
@@ -147,10 +133,8 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
         argv = qemu_argv(options, queue_fds, listener.fileno())
         qemu_log = options.run_dir / QEMU_LOG
         log.info("starting %s (its output goes to %s)", " ".join(argv), qemu_log)
-        with qemu_log.open("wb") as output:
-            process = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(*queue_fds, listener.fileno(), *options.pass_fds),
-                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output)
+        process = await start_qemu(argv, pass_fds=(*queue_fds, listener.fileno(),
+                                                   *options.pass_fds), log_path=qemu_log)
     except BaseException:
         os.close(control_fd)
         raise
@@ -166,7 +150,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
                      tap_name=options.tap_name, queues=options.queues, program=program,
                      control_fd=control_fd, trace_log=trace_log if traced else None,
                      publish=publish,
-                     qemu_exited=_exit_reason(process), qemu_pid=process.pid)
+                     qemu_exited=exit_reason(process), qemu_pid=process.pid)
     finally:
         await _disconnect(qmp)
         await stop_process(process, QEMU_STOP_GRACE_S)

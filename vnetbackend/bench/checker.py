@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from vnetbackend.check import HashChecker
-from vnetbackend.qemu.departures import expectation
+from vnetbackend.checker import HashChecker, expectation
 from vnetbackend.rss import RssConfig
-from vnetbackend.rss.samples import MICROSOFT_KEY
+from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering.conformance import expected_report
 from vnetbackend.steering.program import SteeringState
 from vnetbackend.steering.reports import Report
 from vnetbackend.testbed.observer import RxRecord
 from vnetbackend.testbed.traffic import make_batch
+from vnetbackend.testbed.vm import GUEST_MAC_BYTES
 
-GUEST_MAC = bytes.fromhex("525400564e01")
 DISTINCT_BATCHES = 20
 
 
@@ -27,13 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _batch(config: RssConfig, seed: int) -> tuple[list[tuple[str, bytes]], list[Report],
                                                   list[RxRecord]]:
     state = SteeringState(True, True, config)
-    frames = [(p.frame_class, p.frame) for p in make_batch(GUEST_MAC, per_class=4, seed=seed)]
+    frames = [(p.frame_class, p.frame) for p in make_batch(GUEST_MAC_BYTES, per_class=4, seed=seed)]
     reports = [expected_report(state, frame) for _, frame in frames]
-    records = []
-    for _, frame in frames:
-        seen = expectation(config, frame)
-        records.append(RxRecord(queue=seen.queue, protocol=int.from_bytes(frame[12:14], "big"),
-                                hash=seen.hash, l4_hash=seen.l4_hash, l3_len=len(frame) - 14))
+    records = [RxRecord.of(frame, expectation(config, frame)) for _, frame in frames]
     return frames, reports, records
 
 

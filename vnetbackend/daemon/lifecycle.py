@@ -27,18 +27,11 @@ from typing import Any
 
 from qemu.qmp import QMPClient, Runstate
 
-from vnetbackend.check import HashChecker
+from vnetbackend.checker import HashChecker
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.mirror import Mirror
 from vnetbackend.qemu.device import NetDevice
-from vnetbackend.qemu.features import (
-    CTRL_VQ,
-    HASH_REPORT,
-    MQ,
-    RSS,
-    VirtioFeatures,
-    query_features,
-)
+from vnetbackend.qemu.features import WANTED_FEATURES, VirtioFeatures, query_features
 from vnetbackend.qemu.follower import RssTraceEvent, TraceFollower, control_queue_commits
 from vnetbackend.steering.program import SteeringProgram
 
@@ -47,12 +40,8 @@ log = logging.getLogger("vnetbackend.daemon")
 EXIT_OK = 0
 EXIT_QEMU_GONE = 3
 EXIT_TAP_GONE = 4
-#: Features the daemon needs the device to offer, and wants the guest to take.
-WANTED_FEATURES = (RSS, HASH_REPORT, MQ, CTRL_VQ)
 #: How often the device's negotiated features are read again (a guest may reset it).
 FEATURE_POLL_S = 0.5
-#: The QEMU trace events the mirror follows.
-TRACE_EVENTS = "virtio_net_rss_*"
 
 
 class Ending(enum.Enum):
@@ -61,25 +50,6 @@ class Ending(enum.Enum):
     REQUESTED = EXIT_OK
     QEMU_GONE = EXIT_QEMU_GONE
     TAP_GONE = EXIT_TAP_GONE
-
-
-@dataclass
-class NegotiationStatus:
-    """The device's offer and the guest's answer, as last read."""
-
-    offered: frozenset[str] = frozenset()
-    negotiated: frozenset[str] = frozenset()
-    features_ok: bool = False
-    driver_ok: bool = False
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "offered": sorted(f for f in self.offered if f in WANTED_FEATURES),
-            "negotiated": sorted(f for f in self.negotiated if f in WANTED_FEATURES),
-            "missing-offers": sorted(set(WANTED_FEATURES) - self.offered),
-            "driver-ready": self.features_ok,
-            "driver-ok": self.driver_ok,
-        }
 
 
 @dataclass
@@ -101,7 +71,7 @@ class Daemon:
     publish: Callable[[str, dict[str, Any]], None]
     qemu_exited: Awaitable[str] | None = None
     qemu_pid: int | None = None
-    negotiation: NegotiationStatus = field(default_factory=NegotiationStatus)
+    negotiation: VirtioFeatures = field(default_factory=VirtioFeatures)
     checker: HashChecker = field(init=False)
     ending: Ending | None = None
     ending_reason: str = ""
@@ -189,19 +159,17 @@ class Daemon:
     async def _change_noticed(self, event: RssTraceEvent | None) -> None:
         await self.mirror.sync(event)
         # A control command means the driver is up: have its features current too.
-        self._note_features(await query_features(self.qmp, self.device.virtio_path))
+        self._note_features(await query_features(self.qmp, self.device))
 
     async def _watch_negotiation(self) -> None:
         while True:
-            features = await query_features(self.qmp, self.device.virtio_path)
+            features = await query_features(self.qmp, self.device)
             self._note_features(features)
             await asyncio.sleep(FEATURE_POLL_S)
 
     def _note_features(self, features: VirtioFeatures) -> None:
         before = self.negotiation
-        now = NegotiationStatus(features.offered, features.negotiated, features.features_ok,
-                                features.driver_ok)
-        self.negotiation = now
+        now = self.negotiation = features
         if now.features_ok:
             self.negotiated.set()
         else:
