@@ -29,7 +29,6 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 IFF_TUN_EXCL = 0x8000
-IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 #: The flags every queue of our taps is opened with.
 QUEUE_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
@@ -201,16 +200,6 @@ def _name_of(fd: int) -> str:
         return f"{name} (fd {fd})"
     except OSError:
         return f"{_opened_names.get(fd, '?')} (fd {fd})"
-
-
-def detach_queue(fd: int) -> None:
-    """Stop queue *fd* from receiving traffic (TUNSETQUEUE IFF_DETACH_QUEUE)."""
-    _queue_ioctl(fd, TUNSETQUEUE, _ifreq(b"", IFF_DETACH_QUEUE), "detach queue")
-
-
-def attach_queue(fd: int) -> None:
-    """Let a detached queue *fd* receive traffic again; it goes to the end of the list."""
-    _queue_ioctl(fd, TUNSETQUEUE, _ifreq(b"", IFF_ATTACH_QUEUE), "attach queue")
 
 
 def open_control_queue(name: str) -> int:
