@@ -1,6 +1,6 @@
 """Building Ethernet frames for tests, benchmarks and the traffic injector.
 
-Small composable builders: ``ethernet(ipv4(..., tcp(...)))``. Checksums are filled in
+Small composable builders: ``frame(ipv4(..., tcp(...)))``. Checksums are filled in
 so that a real network stack accepts the frames.
 """
 
