@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
 from vnetbackend import tap
 from vnetbackend.daemon.lifecycle import Daemon, Ending
@@ -32,6 +32,7 @@ from vnetbackend.qemu.command import DEVICE_ID, monitor_args, net_device_args
 from vnetbackend.qemu.device import find_net_device
 from vnetbackend.qemu.follower import TRACE_EVENTS
 from vnetbackend.qemu.process import QEMU_BINARY, exit_reason, listen_unix, start_qemu, stop_process
+from vnetbackend.qemu.qmp import QemuCallFailed, call, reply_field
 from vnetbackend.steering.program import SteeringProgram
 
 log = logging.getLogger("vnetbackend.launch")
@@ -159,10 +160,10 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
 async def _enable_trace(qmp: QMPClient, trace_log: Path) -> bool:
     """Switch QEMU's RSS trace events to *trace_log*; False if this QEMU cannot."""
     try:
-        await qmp.execute("trace-event-set-state", {"name": TRACE_EVENTS, "enable": True})
-        reply = await qmp.execute("human-monitor-command",
-                                  {"command-line": f"logfile {trace_log}"})
-    except ExecuteError as err:
+        await call(qmp, "trace-event-set-state", {"name": TRACE_EVENTS, "enable": True})
+        reply = await call(qmp, "human-monitor-command",
+                           {"command-line": f"logfile {trace_log}"})
+    except QemuCallFailed as err:
         log.warning("no RSS trace events from QEMU (%s); following the control queue", err)
         return False
     if reply:
@@ -186,8 +187,8 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
     await qmp.connect(str(qmp_path))
     try:
         device = await find_net_device(qmp, device_id)
-        status = await qmp.execute("x-query-virtio-status", {"path": device.virtio_path})
-        queues = (int(status["num-vqs"]) - 1) // 2
+        status = await call(qmp, "x-query-virtio-status", {"path": device.virtio_path})
+        queues = (reply_field(status, "num-vqs", int, "x-query-virtio-status") - 1) // 2
         program = await asyncio.to_thread(SteeringProgram)
         try:
             control_fd = tap.open_control_queue(tap_name)

@@ -10,6 +10,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from vnetbackend.errors import VnetError
+from vnetbackend.qemu.qmp import QemuReplyError, call, reply_field
 from vnetbackend.qemu.snapshot import RssState, device_rss_state
 
 
@@ -38,23 +39,35 @@ async def find_net_device(qmp: QMPClient, qdev_id: str) -> NetDevice:
     Raises `DeviceNotFound` unless QEMU lists a PCI device with that id and a virtio-net
     device at its virtio path.
     """
-    for bus in await qmp.execute("query-pci"):
-        for dev in bus["devices"]:
-            if dev.get("qdev_id") == qdev_id:
-                address = f"0000:{bus['bus']:02x}:{dev['slot']:02x}.{dev['function']}"
-                device = NetDevice(qdev_id, address)
-                break
-        else:
-            continue
-        break
-    else:
-        raise DeviceNotFound(f"no PCI device with id {qdev_id!r} in QEMU")
-    virtio = {d["path"]: d["name"] for d in await qmp.execute("x-query-virtio")}
+    device = _pci_device(await call(qmp, "query-pci"), qdev_id)
+    virtio = {reply_field(d, "path", str, "x-query-virtio"): reply_field(
+        d, "name", str, "x-query-virtio") for d in await _reply_list(qmp, "x-query-virtio")}
     if virtio.get(device.virtio_path) != VIRTIO_NET:
         found = virtio.get(device.virtio_path, "no virtio device")
         raise DeviceNotFound(f"PCI device {qdev_id!r} is not virtio-net ({found} at "
                              f"{device.virtio_path})")
     return device
+
+
+def _pci_device(buses: object, qdev_id: str) -> NetDevice:
+    """The device *qdev_id* in a ``query-pci`` reply."""
+    if not isinstance(buses, list):
+        raise QemuReplyError("query-pci", "reply is not a list")
+    for bus in buses:
+        for dev in reply_field(bus, "devices", list, "query-pci"):
+            if isinstance(dev, dict) and dev.get("qdev_id") == qdev_id:
+                number = reply_field(bus, "bus", int, "query-pci")
+                slot = reply_field(dev, "slot", int, "query-pci")
+                function = reply_field(dev, "function", int, "query-pci")
+                return NetDevice(qdev_id, f"0000:{number:02x}:{slot:02x}.{function}")
+    raise DeviceNotFound(f"no PCI device with id {qdev_id!r} in QEMU")
+
+
+async def _reply_list(qmp: QMPClient, command: str) -> list[object]:
+    reply = await call(qmp, command)
+    if not isinstance(reply, list):
+        raise QemuReplyError(command, "reply is not a list")
+    return reply
 
 
 async def read_rss_state(qmp: QMPClient, device: NetDevice) -> RssState | None:
@@ -66,7 +79,7 @@ async def read_rss_state(qmp: QMPClient, device: NetDevice) -> RssState | None:
     os.close(fd)
     path = Path(name)
     try:
-        await qmp.execute("xen-save-devices-state", {"filename": str(path), "live": False})
+        await call(qmp, "xen-save-devices-state", {"filename": str(path), "live": False})
         # Read in place: ~90 KB from a memory-backed file takes microseconds, while the
         # three thread-pool hops of an async read cost ~1 ms on the mirror's path.
         stream = path.read_bytes()

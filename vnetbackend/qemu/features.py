@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from qemu.qmp import QMPClient
 
 from vnetbackend.qemu.device import NetDevice
+from vnetbackend.qemu.qmp import QemuReplyError, call, reply_field
 
 RSS = "VIRTIO_NET_F_RSS"
 HASH_REPORT = "VIRTIO_NET_F_HASH_REPORT"
@@ -80,21 +81,32 @@ class VirtioFeatures:
         }
 
 
-def _names(section: dict[str, object]) -> frozenset[str]:
+_STATUS = "x-query-virtio-status"
+
+
+def _strings(section: object, keys: Iterable[str]) -> list[str]:
+    """The strings listed under *keys* of a reply *section*; lists must hold strings."""
     strings: list[str] = []
-    for key in ("dev-features", "transports"):
-        value = section.get(key, [])
-        if isinstance(value, list):
-            strings.extend(str(item) for item in value)
-    return feature_names(strings)
+    for key in keys:
+        if isinstance(section, dict) and key in section:
+            value = reply_field(section, key, list, _STATUS)
+            if not all(isinstance(item, str) for item in value):
+                raise QemuReplyError(_STATUS, f"{key!r} holds a value that is not a string")
+            strings.extend(value)
+    return strings
 
 
 async def query_features(qmp: QMPClient, device: NetDevice) -> VirtioFeatures:
-    """The features of *device* as QEMU reports them now."""
-    status = await qmp.execute("x-query-virtio-status", {"path": device.virtio_path})
-    statuses = status.get("status", {}).get("statuses", [])
+    """The features of *device* as QEMU reports them now.
+
+    Raises `QemuCallFailed` when QEMU does not answer or answers out of shape.
+    """
+    status = await call(qmp, _STATUS, {"path": device.virtio_path})
+    sections = {key: reply_field(status, key, dict, _STATUS)
+                for key in ("host-features", "guest-features", "status")}
+    feature_keys = ("dev-features", "transports")
     return VirtioFeatures(
-        offered=_names(status.get("host-features", {})),
-        negotiated=_names(status.get("guest-features", {})),
-        statuses=feature_names(statuses),
+        offered=feature_names(_strings(sections["host-features"], feature_keys)),
+        negotiated=feature_names(_strings(sections["guest-features"], feature_keys)),
+        statuses=feature_names(_strings(sections["status"], ("statuses",))),
     )

@@ -25,6 +25,7 @@ import aiofiles
 from qemu.qmp import QMPClient
 
 from vnetbackend.filewatch import FileWatch
+from vnetbackend.qemu.qmp import call, reply_field
 
 #: The QEMU trace events the follower reads (switched on over QMP).
 TRACE_EVENTS = "virtio_net_rss_*"
@@ -117,11 +118,12 @@ async def control_queue_commits(qmp: QMPClient, virtio_path: str, control_queue:
     The fallback for a QEMU whose trace events cannot be switched on: every control
     command the guest sends (RSS among them) advances that index.
     """
+    command = "x-query-virtio-queue-status"
     args = {"path": virtio_path, "queue": control_queue}
-    last = (await qmp.execute("x-query-virtio-queue-status", args))["used-idx"]
+    last = reply_field(await call(qmp, command, args), "used-idx", int, command)
     while True:
         await asyncio.sleep(interval)
-        used = (await qmp.execute("x-query-virtio-queue-status", args))["used-idx"]
+        used = reply_field(await call(qmp, command, args), "used-idx", int, command)
         if used != last:
             last = used
             yield used
