@@ -14,9 +14,15 @@
  * toeplitz[i][v], the hash of byte value v at position i, so the hash of an input is the
  * XOR of one table entry per byte.
  *
- * The map value and report structures are mirrored once in vnetbackend/steering/layout.py
- * (checked at compile time below); change both.
+ * The map value and report structures are mirrored once in vnetbackend/steering/layout.py,
+ * which also hands over the Python side's limits and numbers; both are checked at compile
+ * time below. Change both sides.
  */
+
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/virtio_net.h>
 
 #define MAX_KEY_SIZE 40
 #define MAX_TABLE_LENGTH 128
@@ -24,44 +30,7 @@
 #define MAX_VLAN_TAGS 2
 #define MAX_EXT_HEADERS 8
 #define MAX_DSTOPT_OPTIONS 8
-
-#define ETH_HEADER_LEN 14
-#define ETH_P_IPV4 0x0800
-#define ETH_P_IPV6 0x86DD
-#define ETH_P_8021Q 0x8100
-#define ETH_P_8021AD 0x88A8
-
-#define PROTO_HOPOPTS 0
-#define PROTO_TCP 6
-#define PROTO_UDP 17
-#define PROTO_ROUTING 43
-#define PROTO_FRAGMENT 44
-#define PROTO_AH 51
-#define PROTO_DSTOPTS 60
-#define HOME_ADDRESS_OPTION 0xC9
-
-/* VIRTIO_NET_RSS_HASH_TYPE_* */
-#define HASH_TYPE_IPV4 (1u << 0)
-#define HASH_TYPE_TCPV4 (1u << 1)
-#define HASH_TYPE_UDPV4 (1u << 2)
-#define HASH_TYPE_IPV6 (1u << 3)
-#define HASH_TYPE_TCPV6 (1u << 4)
-#define HASH_TYPE_UDPV6 (1u << 5)
-#define HASH_TYPE_IP_EX (1u << 6)
-#define HASH_TYPE_TCP_EX (1u << 7)
-#define HASH_TYPE_UDP_EX (1u << 8)
-
-/* VIRTIO_NET_HASH_REPORT_* */
-#define REPORT_NONE 0
-#define REPORT_IPV4 1
-#define REPORT_TCPV4 2
-#define REPORT_UDPV4 3
-#define REPORT_IPV6 4
-#define REPORT_TCPV6 5
-#define REPORT_UDPV6 6
-#define REPORT_IPV6_EX 7
-#define REPORT_TCPV6_EX 8
-#define REPORT_UDPV6_EX 9
+#define SLOT_COUNT 2
 
 #ifndef REPORT_RING_PAGES
 #define REPORT_RING_PAGES 64
@@ -162,7 +131,60 @@ SAME_OFFSET(steering_report, dst_port);
 SAME_OFFSET(steering_report, src);
 SAME_OFFSET(steering_report, dst);
 
-BPF_ARRAY(rss_slots, struct rss_slot, 2);
+/*
+ * The loader also passes the Python side's value of every constant the two share as
+ * PY_<name>: the program's limits and flags, and the uapi numbers the reference model
+ * (vnetbackend/rss) keeps its own copy of.
+ */
+#define SAME_VALUE(NAME) _Static_assert(NAME == PY_##NAME, "Python disagrees on " #NAME)
+
+SAME_VALUE(MAX_KEY_SIZE);
+SAME_VALUE(MAX_TABLE_LENGTH);
+SAME_VALUE(MAX_HASH_INPUT);
+SAME_VALUE(MAX_VLAN_TAGS);
+SAME_VALUE(MAX_EXT_HEADERS);
+SAME_VALUE(MAX_DSTOPT_OPTIONS);
+SAME_VALUE(SLOT_COUNT);
+SAME_VALUE(REPORT_FLAG_EXT_HEADERS);
+SAME_VALUE(REPORT_FLAG_FRAGMENT);
+SAME_VALUE(ETH_HLEN);
+SAME_VALUE(ETH_P_IP);
+SAME_VALUE(ETH_P_IPV6);
+SAME_VALUE(ETH_P_8021Q);
+SAME_VALUE(ETH_P_8021AD);
+SAME_VALUE(IPPROTO_HOPOPTS);
+SAME_VALUE(IPPROTO_TCP);
+SAME_VALUE(IPPROTO_UDP);
+SAME_VALUE(IPPROTO_ROUTING);
+SAME_VALUE(IPPROTO_FRAGMENT);
+SAME_VALUE(IPPROTO_AH);
+SAME_VALUE(IPPROTO_DSTOPTS);
+SAME_VALUE(IPV6_TLV_HAO);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_IPv4);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_TCPv4);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_UDPv4);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_IPv6);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_TCPv6);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_UDPv6);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_IP_EX);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_TCP_EX);
+SAME_VALUE(VIRTIO_NET_RSS_HASH_TYPE_UDP_EX);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_NONE);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_IPv4);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_TCPv4);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_UDPv4);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_IPv6);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_TCPv6);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_UDPv6);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_IPv6_EX);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_TCPv6_EX);
+SAME_VALUE(VIRTIO_NET_HASH_REPORT_UDPv6_EX);
+
+/* The indirection lookup masks its index with MAX_TABLE_LENGTH - 1. */
+_Static_assert((MAX_TABLE_LENGTH & (MAX_TABLE_LENGTH - 1)) == 0,
+	       "MAX_TABLE_LENGTH must be a power of two");
+
+BPF_ARRAY(rss_slots, struct rss_slot, SLOT_COUNT);
 BPF_ARRAY(control, struct steering_control, 1);
 BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
 BPF_RINGBUF_OUTPUT(reports, REPORT_RING_PAGES);
@@ -202,26 +224,50 @@ static __always_inline int read_at(struct __sk_buff *skb, u32 base, u32 off, voi
 
 static __always_inline int is_ext_header(u8 nh)
 {
-	return nh == PROTO_HOPOPTS || nh == PROTO_ROUTING || nh == PROTO_FRAGMENT ||
-	       nh == PROTO_AH || nh == PROTO_DSTOPTS;
+	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_FRAGMENT ||
+	       nh == IPPROTO_AH || nh == IPPROTO_DSTOPTS;
 }
 
+/*
+ * The transport header at `off`, if it is TCP or UDP and whole in the frame. `ports` are
+ * its first four bytes when the caller has read them already, else NULL.
+ */
 static __always_inline void parse_transport(struct __sk_buff *skb, u32 base, struct parsed *p,
-					    u8 proto, u32 off)
+					    u8 proto, u32 off, const u8 *ports)
 {
 	u32 need;
 
-	if (proto == PROTO_TCP)
+	if (proto == IPPROTO_TCP)
 		need = 20;
-	else if (proto == PROTO_UDP)
+	else if (proto == IPPROTO_UDP)
 		need = 8;
 	else
 		return;
 	if (p->frame_len < off + need)
 		return;
-	if (read_at(skb, base, off, p->ports, 4) < 0)
+	if (ports)
+		__builtin_memcpy(p->ports, ports, 4);
+	else if (read_at(skb, base, off, p->ports, 4) < 0)
 		return;
 	p->l4_proto = proto;
+}
+
+/*
+ * An IPv4 header of `ihl` bytes at frame offset `off`, its first 20 bytes already read
+ * into `h`; then the transport (`ports` as for parse_transport).
+ */
+static __always_inline void parse_ipv4_header(struct __sk_buff *skb, u32 base, struct parsed *p,
+					      const u8 *h, u32 off, u32 ihl, const u8 *ports)
+{
+	p->ip_version = 4;
+	p->l3_offset = off;
+	__builtin_memcpy(p->src, &h[12], 4);
+	__builtin_memcpy(p->dst, &h[16], 4);
+	if (((h[6] << 8) | h[7]) & 0x3FFF) {
+		p->fragment = 1;
+		return;
+	}
+	parse_transport(skb, base, p, h[9], off + ihl, ports);
 }
 
 static __always_inline void parse_ipv4(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
@@ -234,15 +280,7 @@ static __always_inline void parse_ipv4(struct __sk_buff *skb, u32 base, struct p
 	ihl = (h[0] & 0x0F) * 4;
 	if (ihl < 20 || p->frame_len < off + ihl)
 		return;
-	p->ip_version = 4;
-	p->l3_offset = off;
-	__builtin_memcpy(p->src, &h[12], 4);
-	__builtin_memcpy(p->dst, &h[16], 4);
-	if (((h[6] << 8) | h[7]) & 0x3FFF) {
-		p->fragment = 1;
-		return;
-	}
-	parse_transport(skb, base, p, h[9], off + ihl);
+	parse_ipv4_header(skb, base, p, h, off, ihl, NULL);
 }
 
 /* The home address option among the first options of a destination options header. */
@@ -256,18 +294,18 @@ static __always_inline int find_home_address(struct __sk_buff *skb, u32 base, u3
 			return 0;
 		if (pos + 2 > end) {
 			/* Room for a Pad1 only. */
-			if (read_at(skb, base, pos, opt, 1) < 0 || opt[0] != 0)
+			if (read_at(skb, base, pos, opt, 1) < 0 || opt[0] != IPV6_TLV_PAD1)
 				return 0;
 			pos += 1;
 			continue;
 		}
 		if (read_at(skb, base, pos, opt, 2) < 0)
 			return 0;
-		if (opt[0] == 0) {
+		if (opt[0] == IPV6_TLV_PAD1) {
 			pos += 1;
 			continue;
 		}
-		if (opt[0] == HOME_ADDRESS_OPTION && opt[1] == 16 && pos + 18 <= end)
+		if (opt[0] == IPV6_TLV_HAO && opt[1] == 16 && pos + 18 <= end)
 			return read_at(skb, base, pos + 2, home, 16) == 0;
 		pos += 2 + opt[1];
 	}
@@ -290,21 +328,21 @@ static __always_inline void parse_ipv6_chain(struct __sk_buff *skb, u32 base, st
 		p->has_ext = 1;
 		if (read_at(skb, base, pos, e, sizeof(e)) < 0)
 			return;
-		if (nh == PROTO_FRAGMENT) {
+		if (nh == IPPROTO_FRAGMENT) {
 			length = 8;
 			if (((e[2] << 8) | e[3]) & 0xFFF9)
 				p->fragment = 1;
-		} else if (nh == PROTO_AH) {
+		} else if (nh == IPPROTO_AH) {
 			length = (e[1] + 2) * 4;
 		} else {
 			length = (e[1] + 1) * 8;
 		}
 		if (p->frame_len < pos + length)
 			return;
-		if (nh == PROTO_ROUTING) {
+		if (nh == IPPROTO_ROUTING) {
 			if (!p->has_routed && e[2] == 2 && e[1] == 2)
 				p->has_routed = read_at(skb, base, pos + 8, p->routed, 16) == 0;
-		} else if (nh == PROTO_DSTOPTS && !p->has_home) {
+		} else if (nh == IPPROTO_DSTOPTS && !p->has_home) {
 			p->has_home = find_home_address(skb, base, pos + 2, pos + length, p->home);
 		}
 		nh = e[0];
@@ -313,7 +351,25 @@ static __always_inline void parse_ipv6_chain(struct __sk_buff *skb, u32 base, st
 	if (!chain_ok && is_ext_header(nh))
 		return;
 	if (!p->fragment)
-		parse_transport(skb, base, p, nh, pos);
+		parse_transport(skb, base, p, nh, pos, NULL);
+}
+
+/*
+ * An IPv6 header at frame offset `off`, already read into `h`; then its extension chain
+ * and the transport (`ports` as for parse_transport, used when no extension header
+ * follows).
+ */
+static __always_inline void parse_ipv6_header(struct __sk_buff *skb, u32 base, struct parsed *p,
+					      const u8 *h, u32 off, const u8 *ports)
+{
+	p->ip_version = 6;
+	p->l3_offset = off;
+	__builtin_memcpy(p->src, &h[8], 16);
+	__builtin_memcpy(p->dst, &h[24], 16);
+	if (is_ext_header(h[6]))
+		parse_ipv6_chain(skb, base, p, h[6], off + 40);
+	else
+		parse_transport(skb, base, p, h[6], off + 40, ports);
 }
 
 static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
@@ -322,11 +378,7 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct p
 
 	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 6)
 		return;
-	p->ip_version = 6;
-	p->l3_offset = off;
-	__builtin_memcpy(p->src, &h[8], 16);
-	__builtin_memcpy(p->dst, &h[24], 16);
-	parse_ipv6_chain(skb, base, p, h[6], off + 40);
+	parse_ipv6_header(skb, base, p, h, off, NULL);
 }
 
 /* XOR of one table entry per input byte: the Toeplitz hash of data at input position pos. */
@@ -348,34 +400,34 @@ static __always_inline void select_ipv4(const struct rss_slot *s, const struct p
 {
 	u8 report;
 
-	if ((types & HASH_TYPE_TCPV4) && p->l4_proto == PROTO_TCP)
-		report = REPORT_TCPV4;
-	else if ((types & HASH_TYPE_UDPV4) && p->l4_proto == PROTO_UDP)
-		report = REPORT_UDPV4;
-	else if (types & HASH_TYPE_IPV4)
-		report = REPORT_IPV4;
+	if ((types & VIRTIO_NET_RSS_HASH_TYPE_TCPv4) && p->l4_proto == IPPROTO_TCP)
+		report = VIRTIO_NET_HASH_REPORT_TCPv4;
+	else if ((types & VIRTIO_NET_RSS_HASH_TYPE_UDPv4) && p->l4_proto == IPPROTO_UDP)
+		report = VIRTIO_NET_HASH_REPORT_UDPv4;
+	else if (types & VIRTIO_NET_RSS_HASH_TYPE_IPv4)
+		report = VIRTIO_NET_HASH_REPORT_IPv4;
 	else
 		return;
 	out->report = report;
 	out->hash = HASH_BYTES(s, p->src, 0, 4) ^ HASH_BYTES(s, p->dst, 4, 4);
-	if (report != REPORT_IPV4)
+	if (report != VIRTIO_NET_HASH_REPORT_IPv4)
 		out->hash ^= HASH_BYTES(s, p->ports, 8, 4);
 }
 
-/* The report for an IPv6 frame, or REPORT_NONE; `ex` picks the _EX rules. */
+/* The report for an IPv6 frame, or VIRTIO_NET_HASH_REPORT_NONE; `ex` picks the _EX rules. */
 static __always_inline u8 ipv6_report(const struct parsed *p, u32 types, int ex)
 {
-	u32 tcp = ex ? HASH_TYPE_TCP_EX : HASH_TYPE_TCPV6;
-	u32 udp = ex ? HASH_TYPE_UDP_EX : HASH_TYPE_UDPV6;
-	u32 ip = ex ? HASH_TYPE_IP_EX : HASH_TYPE_IPV6;
+	u32 tcp = ex ? VIRTIO_NET_RSS_HASH_TYPE_TCP_EX : VIRTIO_NET_RSS_HASH_TYPE_TCPv6;
+	u32 udp = ex ? VIRTIO_NET_RSS_HASH_TYPE_UDP_EX : VIRTIO_NET_RSS_HASH_TYPE_UDPv6;
+	u32 ip = ex ? VIRTIO_NET_RSS_HASH_TYPE_IP_EX : VIRTIO_NET_RSS_HASH_TYPE_IPv6;
 
-	if ((types & tcp) && p->l4_proto == PROTO_TCP)
-		return ex ? REPORT_TCPV6_EX : REPORT_TCPV6;
-	if ((types & udp) && p->l4_proto == PROTO_UDP)
-		return ex ? REPORT_UDPV6_EX : REPORT_UDPV6;
+	if ((types & tcp) && p->l4_proto == IPPROTO_TCP)
+		return ex ? VIRTIO_NET_HASH_REPORT_TCPv6_EX : VIRTIO_NET_HASH_REPORT_TCPv6;
+	if ((types & udp) && p->l4_proto == IPPROTO_UDP)
+		return ex ? VIRTIO_NET_HASH_REPORT_UDPv6_EX : VIRTIO_NET_HASH_REPORT_UDPv6;
 	if (types & ip)
-		return ex ? REPORT_IPV6_EX : REPORT_IPV6;
-	return REPORT_NONE;
+		return ex ? VIRTIO_NET_HASH_REPORT_IPv6_EX : VIRTIO_NET_HASH_REPORT_IPv6;
+	return VIRTIO_NET_HASH_REPORT_NONE;
 }
 
 static __always_inline void select_ipv6(const struct rss_slot *s, const struct parsed *p,
@@ -383,24 +435,24 @@ static __always_inline void select_ipv6(const struct rss_slot *s, const struct p
 {
 	const u8 *src = p->src;
 	const u8 *dst = p->dst;
-	u8 report = REPORT_NONE;
+	u8 report = VIRTIO_NET_HASH_REPORT_NONE;
 
 	if (p->has_ext) {
 		report = ipv6_report(p, types, 1);
-		if (report != REPORT_NONE) {
+		if (report != VIRTIO_NET_HASH_REPORT_NONE) {
 			if (p->has_home)
 				src = p->home;
 			if (p->has_routed)
 				dst = p->routed;
 		}
 	}
-	if (report == REPORT_NONE)
+	if (report == VIRTIO_NET_HASH_REPORT_NONE)
 		report = ipv6_report(p, types, 0);
-	if (report == REPORT_NONE)
+	if (report == VIRTIO_NET_HASH_REPORT_NONE)
 		return;
 	out->report = report;
 	out->hash = HASH_BYTES(s, src, 0, 16) ^ HASH_BYTES(s, dst, 16, 16);
-	if (report != REPORT_IPV6 && report != REPORT_IPV6_EX)
+	if (report != VIRTIO_NET_HASH_REPORT_IPv6 && report != VIRTIO_NET_HASH_REPORT_IPv6_EX)
 		out->hash ^= HASH_BYTES(s, p->ports, 32, 4);
 }
 
@@ -450,7 +502,7 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob_tags,
 					struct parsed *p)
 {
-	u32 off = ETH_HEADER_LEN;
+	u32 off = ETH_HLEN;
 	u16 ethertype;
 	u8 l2[2];
 
@@ -470,7 +522,7 @@ static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob
 		ethertype = (tag[2] << 8) | tag[3];
 		off += 4;
 	}
-	if (ethertype == ETH_P_IPV4)
+	if (ethertype == ETH_P_IP)
 		parse_ipv4(skb, base, p, off);
 	else if (ethertype == ETH_P_IPV6)
 		parse_ipv6(skb, base, p, off);
@@ -491,7 +543,6 @@ static __always_inline int parse_common(struct __sk_buff *skb, u32 base, struct 
 {
 	u8 w[WINDOW_V6];
 	u16 ethertype;
-	u8 proto;
 	int full;
 
 	if (p->frame_len >= 12 + WINDOW_V6) {
@@ -506,41 +557,15 @@ static __always_inline int parse_common(struct __sk_buff *skb, u32 base, struct 
 		return 0;
 	}
 	ethertype = (w[0] << 8) | w[1];
-	if (ethertype != ETH_P_IPV4 && ethertype != ETH_P_IPV6 && ethertype != ETH_P_8021Q &&
+	if (ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 && ethertype != ETH_P_8021Q &&
 	    ethertype != ETH_P_8021AD)
 		return 1; /* not IP: nothing to hash */
-	if (ethertype == ETH_P_IPV4 && w[2] == 0x45) {
-		p->ip_version = 4;
-		p->l3_offset = ETH_HEADER_LEN;
-		__builtin_memcpy(p->src, &w[2 + 12], 4);
-		__builtin_memcpy(p->dst, &w[2 + 16], 4);
-		if (((w[2 + 6] << 8) | w[2 + 7]) & 0x3FFF) {
-			p->fragment = 1;
-			return 1;
-		}
-		proto = w[2 + 9];
-		if ((proto == PROTO_TCP && p->frame_len >= ETH_HEADER_LEN + 20 + 20) ||
-		    (proto == PROTO_UDP && p->frame_len >= ETH_HEADER_LEN + 20 + 8)) {
-			__builtin_memcpy(p->ports, &w[2 + 20], 4);
-			p->l4_proto = proto;
-		}
+	if (ethertype == ETH_P_IP && w[2] == 0x45) {
+		parse_ipv4_header(skb, base, p, &w[2], ETH_HLEN, 20, &w[2 + 20]);
 		return 1;
 	}
 	if (full && ethertype == ETH_P_IPV6 && (w[2] >> 4) == 6) {
-		p->ip_version = 6;
-		p->l3_offset = ETH_HEADER_LEN;
-		__builtin_memcpy(p->src, &w[2 + 8], 16);
-		__builtin_memcpy(p->dst, &w[2 + 24], 16);
-		proto = w[2 + 6];
-		if (is_ext_header(proto)) {
-			parse_ipv6_chain(skb, base, p, proto, ETH_HEADER_LEN + 40);
-			return 1;
-		}
-		if ((proto == PROTO_TCP && p->frame_len >= ETH_HEADER_LEN + 40 + 20) ||
-		    (proto == PROTO_UDP && p->frame_len >= ETH_HEADER_LEN + 40 + 8)) {
-			__builtin_memcpy(p->ports, &w[2 + 40], 4);
-			p->l4_proto = proto;
-		}
+		parse_ipv6_header(skb, base, p, &w[2], ETH_HLEN, &w[2 + 40]);
 		return 1;
 	}
 	return 0;
@@ -560,7 +585,7 @@ int steer(struct __sk_buff *skb)
 	if (!ctl || !cnt)
 		return 0;
 	cnt->frames++;
-	slot = ctl->active_slot & 1;
+	slot = ctl->active_slot % SLOT_COUNT;
 	s = rss_slots.lookup(&slot);
 	if (!s)
 		return 0;
@@ -569,7 +594,7 @@ int steer(struct __sk_buff *skb)
 	/* Is there a byte skb->len bytes past the MAC header? Only if data is past it
 	 * (a test run); on a tap, data starts at the MAC header. */
 	base = bpf_skb_load_bytes_relative(skb, skb->len, &probe, 1, BPF_HDR_START_MAC) == 0
-		       ? ETH_HEADER_LEN : 0;
+		       ? ETH_HLEN : 0;
 	p.frame_len = skb->len + base;
 	/*
 	 * A VLAN tag the stack keeps out of band (tx-vlan-offload of the tap) is not in the
@@ -593,7 +618,7 @@ int steer(struct __sk_buff *skb)
 
 	if (!s->enabled)
 		queue = 0;
-	else if (sel.report == REPORT_NONE || !s->redirect)
+	else if (sel.report == VIRTIO_NET_HASH_REPORT_NONE || !s->redirect)
 		queue = s->unclassified_queue;
 	else
 		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];

@@ -1,14 +1,39 @@
 """The steering program's map values and report record, mirrored from bpf/steering.bpf.c.
 
 Each class here is the ctypes twin of the C struct of the same name; the tests compare
-them field by field with the types bcc derives from the compiled program.
+them field by field with the types bcc derives from the compiled program. The program
+checks these layouts, and every constant it shares with the Python side, at compile time
+against the flags `layout_defines` gives the loader.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 
-from vnetbackend.rss.types import MAX_HASH_INPUT, MAX_KEY_SIZE, MAX_TABLE_LENGTH
+from vnetbackend.rss.frame import (
+    ETH_HEADER_LEN,
+    ETH_P_IPV4,
+    ETH_P_IPV6,
+    HOME_ADDRESS_OPTION,
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ROUTING,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    MAX_DSTOPT_OPTIONS,
+    MAX_EXT_HEADERS,
+    MAX_VLAN_TAGS,
+    VLAN_TPIDS,
+)
+from vnetbackend.rss.types import (
+    MAX_HASH_INPUT,
+    MAX_KEY_SIZE,
+    MAX_TABLE_LENGTH,
+    HashReport,
+    HashType,
+)
 
 #: Slots of `rss_slots`: the program reads the active one, the loader writes the other.
 SLOT_COUNT = 2
@@ -83,12 +108,56 @@ MIRRORS: dict[str, type[ct.Structure]] = {
 }
 
 
+def _virtio_spelling(name: str) -> str:
+    """The specification's spelling of a member name: ``TCPv4`` for ``TCPV4``."""
+    return name.replace("V4", "v4").replace("V6", "v6")
+
+
+_TPID_8021Q, _TPID_8021AD = VLAN_TPIDS
+
+#: The C name of each constant the program shares with the Python side -> the Python
+#: value. Where a kernel uapi header defines the number, the C name is that header's macro
+#: and the program compares it with the header's value.
+SHARED_VALUES: dict[str, int] = {
+    "MAX_KEY_SIZE": MAX_KEY_SIZE,
+    "MAX_TABLE_LENGTH": MAX_TABLE_LENGTH,
+    "MAX_HASH_INPUT": MAX_HASH_INPUT,
+    "MAX_VLAN_TAGS": MAX_VLAN_TAGS,
+    "MAX_EXT_HEADERS": MAX_EXT_HEADERS,
+    "MAX_DSTOPT_OPTIONS": MAX_DSTOPT_OPTIONS,
+    "SLOT_COUNT": SLOT_COUNT,
+    "REPORT_FLAG_EXT_HEADERS": REPORT_FLAG_EXT_HEADERS,
+    "REPORT_FLAG_FRAGMENT": REPORT_FLAG_FRAGMENT,
+    "ETH_HLEN": ETH_HEADER_LEN,
+    "ETH_P_IP": ETH_P_IPV4,
+    "ETH_P_IPV6": ETH_P_IPV6,
+    "ETH_P_8021Q": _TPID_8021Q,
+    "ETH_P_8021AD": _TPID_8021AD,
+    "IPPROTO_HOPOPTS": IPPROTO_HOPOPTS,
+    "IPPROTO_TCP": IPPROTO_TCP,
+    "IPPROTO_UDP": IPPROTO_UDP,
+    "IPPROTO_ROUTING": IPPROTO_ROUTING,
+    "IPPROTO_FRAGMENT": IPPROTO_FRAGMENT,
+    "IPPROTO_AH": IPPROTO_AH,
+    "IPPROTO_DSTOPTS": IPPROTO_DSTOPTS,
+    "IPV6_TLV_HAO": HOME_ADDRESS_OPTION,
+    **{f"VIRTIO_NET_RSS_HASH_TYPE_{_virtio_spelling(name)}": int(member)
+       for name, member in HashType.__members__.items()},
+    **{member.virtio_name: int(member) for member in HashReport},
+}
+
+
 def layout_defines() -> list[str]:
-    """Compiler flags that hand the mirrors' sizes and offsets to the C static asserts."""
+    """Compiler flags for the program's static asserts.
+
+    ``LAYOUT_<struct>_<field>`` and ``LAYOUT_<struct>_size`` give the mirrors' offsets and
+    sizes, ``PY_<name>`` each of `SHARED_VALUES`.
+    """
     flags = []
     for c_name, mirror in MIRRORS.items():
         flags.append(f"-DLAYOUT_{c_name}_size={ct.sizeof(mirror)}")
         for field_name, *_ in mirror._fields_:
             offset = getattr(mirror, field_name).offset
             flags.append(f"-DLAYOUT_{c_name}_{field_name}={offset}")
+    flags.extend(f"-DPY_{name}={value}" for name, value in SHARED_VALUES.items())
     return flags
