@@ -20,9 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient
-
-from vnetbackend.qemu.device import NetDevice, read_rss_state
+from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.follower import RssTraceEvent
 from vnetbackend.qemu.snapshot import RssState, SnapshotError
 from vnetbackend.rss import InvalidRssConfig, RssConfig, rss_view
@@ -50,9 +48,10 @@ class MirrorStatus:
 class Mirror:
     """Reads the device's RSS state on each notice and makes the program follow it."""
 
-    def __init__(self, qmp: QMPClient, device: NetDevice, program: SteeringProgram,
-                 control_fd: int, queues: int, publish: EventSink) -> None:
-        self._qmp = qmp
+    def __init__(self, reader: DeviceStateReader, device: NetDevice,
+                 program: SteeringProgram, control_fd: int, queues: int,
+                 publish: EventSink) -> None:
+        self._reader = reader
         self._device = device
         self._program = program
         self._control_fd = control_fd
@@ -64,7 +63,7 @@ class Mirror:
         """Bring the program in line with the device now; *cause* dates the change."""
         self.status.syncs += 1
         try:
-            state = await read_rss_state(self._qmp, self._device)
+            state = await self._reader.read(self._device)
             config = state.to_config(self._queues) if state and state.enabled else None
         except (SnapshotError, InvalidRssConfig) as err:
             self._refuse(err, cause)

@@ -29,7 +29,7 @@ from vnetbackend.daemon.lifecycle import Daemon, Ending
 from vnetbackend.daemon.monitor import register_commands, version_info
 from vnetbackend.daemon.qmp_server import QmpServer
 from vnetbackend.qemu.command import DEVICE_ID, monitor_args, net_device_args
-from vnetbackend.qemu.device import find_net_device
+from vnetbackend.qemu.device import DeviceStateReader, find_net_device
 from vnetbackend.qemu.follower import TRACE_EVENTS
 from vnetbackend.qemu.process import QEMU_BINARY, exit_reason, listen_unix, start_qemu, stop_process
 from vnetbackend.qemu.qmp import QemuCallFailed, call, reply_field
@@ -148,6 +148,7 @@ async def _launched_with(options: RunOptions, program: SteeringProgram, trace_lo
         await qmp.connect(str(options.run_dir / QMP_SOCKET))
         traced = await _enable_trace(qmp, trace_log)
         yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
+                     state_reader=DeviceStateReader(qmp),
                      tap_name=options.tap_name, queues=options.queues, program=program,
                      control_fd=control_fd, trace_log=trace_log if traced else None,
                      publish=publish,
@@ -194,7 +195,8 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
             control_fd = tap.open_control_queue(tap_name)
             traced = use_trace and await _enable_trace(qmp, trace_log)
             monitor = QmpServer(monitor_path, version_info())
-            daemon = Daemon(qmp=qmp, device=device, tap_name=tap_name, queues=queues,
+            daemon = Daemon(qmp=qmp, device=device, state_reader=DeviceStateReader(qmp),
+                            tap_name=tap_name, queues=queues,
                             program=program, control_fd=control_fd,
                             trace_log=trace_log if traced else None, publish=monitor.emit)
             async with _monitored(daemon, monitor):

@@ -30,7 +30,7 @@ from qemu.qmp import QMPClient, Runstate
 from vnetbackend.checker import HashChecker
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.mirror import Mirror
-from vnetbackend.qemu.device import NetDevice
+from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.features import WANTED_FEATURES, VirtioFeatures, query_features
 from vnetbackend.qemu.follower import RssTraceEvent, TraceFollower, control_queue_commits
 from vnetbackend.steering.program import SteeringProgram
@@ -63,6 +63,7 @@ class Daemon:
 
     qmp: QMPClient
     device: NetDevice
+    state_reader: DeviceStateReader
     tap_name: str
     queues: int
     program: SteeringProgram
@@ -80,7 +81,7 @@ class Daemon:
     mirror: Mirror = field(init=False)
 
     def __post_init__(self) -> None:
-        self.mirror = Mirror(self.qmp, self.device, self.program, self.control_fd,
+        self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
                              self.queues, self.publish)
         self.checker = HashChecker(self.publish)
 

@@ -70,22 +70,34 @@ async def _reply_list(qmp: QMPClient, command: str) -> list[object]:
     return reply
 
 
-async def read_rss_state(qmp: QMPClient, device: NetDevice) -> RssState | None:
-    """The device's RSS state now (None while RSS is off); pauses the VM for milliseconds.
+class DeviceStateReader:
+    """Takes device-state snapshots of one QEMU and reads a device's RSS state from them.
 
-    Raises `vnetbackend.qemu.snapshot.SnapshotError` when the saved state cannot be read.
+    Each `read` has QEMU save its devices' state (QMP ``xen-save-devices-state``, which
+    pauses the VM for milliseconds) and parses the device's part.
     """
-    fd, name = tempfile.mkstemp(prefix="vnetbackend-state-", dir=_scratch_dir())
-    os.close(fd)
-    path = Path(name)
-    try:
-        await call(qmp, "xen-save-devices-state", {"filename": str(path), "live": False})
-        # Read in place: ~90 KB from a memory-backed file takes microseconds, while the
-        # three thread-pool hops of an async read cost ~1 ms on the mirror's path.
-        stream = path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
-    return device_rss_state(stream, device.pci_address)
+
+    def __init__(self, qmp: QMPClient) -> None:
+        self._qmp = qmp
+
+    async def read(self, device: NetDevice) -> RssState | None:
+        """The RSS state of *device* now, None while its RSS is off.
+
+        Raises `QemuCallFailed` when QEMU does not take the snapshot and
+        `vnetbackend.qemu.snapshot.SnapshotError` when the snapshot cannot be read.
+        """
+        fd, name = tempfile.mkstemp(prefix="vnetbackend-state-", dir=_scratch_dir())
+        os.close(fd)
+        path = Path(name)
+        try:
+            await call(self._qmp, "xen-save-devices-state",
+                       {"filename": str(path), "live": False})
+            # Read in place: ~90 KB from a memory-backed file takes microseconds, while
+            # the three thread-pool hops of an async read cost ~1 ms on the mirror's path.
+            stream = path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+        return device_rss_state(stream, device.pci_address)
 
 
 def _scratch_dir() -> str | None:
