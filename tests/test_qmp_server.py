@@ -296,6 +296,12 @@ OVERSIZED = b"x" * (MAX_MESSAGE_BYTES + 1)
     (b"[" * 100 + b"]" * 100, "nested deeper", None),
     (b'{"execute": "echo", "arguments": {"text": "' + OVERSIZED + b'"}}', "longer than", None),
     (OVERSIZED + b"\n", "longer than", None),
+    (b'{"execute": "query-version", "id": NaN}', "NaN is not a JSON value", None),
+    (b'{"execute": "echo", "arguments": {"count": Infinity}}', "Infinity is not", None),
+    (b'{"execute": "echo", "arguments": {"count": -Infinity}}', "-Infinity is not", None),
+    (b'{"execute": "query-version", "id": ' + b"9" * 5000 + b"}", "5000 digits", None),
+    (b'{"execute": "echo", "arguments": {"count": -' + b"1" * 21 + b"}}", "21 digits",
+     None),
 ])
 async def test_malformed_input_gets_one_error_then_the_connection_works(
         raw: RawClient, data: bytes, desc_part: str, echoed_id: Any) -> None:
@@ -495,3 +501,25 @@ def test_registration_errors() -> None:
         Param(float)
     with pytest.raises(ValueError, match="int arguments only"):
         Param(str, minimum=1)
+
+
+async def test_a_client_over_the_cap_gets_a_clear_error(sock_path: Path) -> None:
+    daemon = Daemon(sock_path, max_clients=2)
+    async with daemon.server:
+        first, second = (await RawClient.connect(sock_path),
+                         await RawClient.connect(sock_path))
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        refusal = json.loads(await asyncio.wait_for(reader.readline(), TIMEOUT))
+        assert refusal["error"]["class"] == "GenericError"
+        assert "too many clients: 2 are connected, at most 2" in refusal["error"]["desc"]
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+        await first.negotiate()
+        await first.close()
+        # A round trip on another connection: the server has seen the first one end (its
+        # end of file reached the server before this request did).
+        await second.negotiate()
+        # Room again: a new client is greeted and served.
+        third = await RawClient.connect(sock_path)
+        await third.negotiate()
+        await asyncio.gather(second.close(), third.close())

@@ -10,7 +10,11 @@ unchanged:
 - A command before negotiation, and ``qmp_capabilities`` after it, get ``CommandNotFound``.
 - Input that is not valid JSON gets a ``GenericError`` reply without ``id``; a valid object
   that is not a well-formed command gets one that echoes its ``id``. Either way the
-  connection carries on with the next message.
+  connection carries on with the next message. JSON here is strict: ``NaN``,
+  ``Infinity`` and integers of more than `MAX_INTEGER_DIGITS` digits (QMP's integers
+  are 64-bit) are not JSON values and get that reply too.
+- At most ``max_clients`` clients are served at once; one more gets a ``GenericError``
+  saying so instead of the greeting, and is disconnected.
 - Each client's commands run one at a time, in order. A client that disconnects while its
   command runs does not cancel it; the reply is dropped.
 - Output is never awaited: replies and events are handed to the transport, and a client
@@ -42,6 +46,9 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_NESTING = 64
 MAX_PENDING_OUTPUT = 4 << 20
+MAX_CLIENTS = 16
+#: Enough for any 64-bit integer, signed or not.
+MAX_INTEGER_DIGITS = 20
 _READ_CHUNK = 64 << 10
 _MESSAGE_KEYS = frozenset({"execute", "arguments", "id"})
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", dict: "an object",
@@ -213,6 +220,22 @@ def _error(error_class: str, desc: str, echo: Mapping[str, Any] | None = None) -
     return _encode({"error": {"class": error_class, "desc": desc}, **(echo or {})})
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ValueError(f"integer of {len(text.lstrip('-'))} digits is out of range "
+                         f"(at most {MAX_INTEGER_DIGITS})")
+    return int(text)
+
+
+def _decode(raw: bytes) -> Any:
+    """*raw* as strict JSON; ValueError (with the reason) for anything else."""
+    return json.loads(raw.decode(), parse_constant=_no_constant, parse_int=_bounded_int)
+
+
 def _encode(message: Mapping[str, Any]) -> bytes:
     """One line of strict JSON (no NaN or Infinity), as QMP sends each message."""
     return json.dumps(message, allow_nan=False).encode() + b"\r\n"
@@ -245,11 +268,13 @@ class QmpServer:
 
     def __init__(self, path: str | os.PathLike[str], version: VersionInfo, *,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_pending_output: int = MAX_PENDING_OUTPUT) -> None:
+                 max_pending_output: int = MAX_PENDING_OUTPUT,
+                 max_clients: int = MAX_CLIENTS) -> None:
         self.path = os.fspath(path)
         self.version = version
         self._max_message_bytes = max_message_bytes
         self._max_pending_output = max_pending_output
+        self._max_clients = max_clients
         self._commands: dict[str, _Command] = {}
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -335,7 +360,15 @@ class QmpServer:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._accepted += 1
+        if len(self._clients) >= self._max_clients:
+            log.warning("client %d refused: %d clients already connected", self._accepted,
+                        len(self._clients))
+            writer.write(_error("GenericError", f"too many clients: {len(self._clients)} "
+                                                f"are connected, at most {self._max_clients}"))
+            writer.close()
+            return
         client = _Client(self._accepted, writer, self._max_pending_output)
+        self._clients.add(client)  # counted from now: the next accept sees it
         task = asyncio.create_task(self._serve(client, reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -343,7 +376,6 @@ class QmpServer:
     async def _serve(self, client: _Client, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         log.debug("%s connected", client.name)
-        self._clients.add(client)
         splitter = MessageSplitter(self._max_message_bytes)
         try:
             client.send(_encode({"QMP": {"version": self.version.to_qmp(), "capabilities": []}}))
@@ -367,10 +399,10 @@ class QmpServer:
     async def _execute(self, client: _Client, raw: bytes) -> bytes:
         """Run one framed message and return the encoded reply."""
         try:
-            message = json.loads(raw.decode())
+            message = _decode(raw)
         except UnicodeDecodeError as err:
             return _error("GenericError", f"message is not valid UTF-8 (byte {err.start})")
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # JSONDecodeError, NaN, Infinity, an over-long integer
             return _error("GenericError", f"JSON parse error: {err}")
         if not isinstance(message, dict):
             kind = "null" if message is None else _TYPE_NAMES.get(type(message), "a number")
