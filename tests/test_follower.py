@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from vnetbackend.qemu.follower import TraceFollower, parse_trace_line
 
 
@@ -48,3 +50,32 @@ async def test_follower_can_replay_from_the_start(tmp_path: Path) -> None:
     async with TraceFollower(log, from_start=True) as follower:
         event = await asyncio.wait_for(anext(aiter(follower)), 5)
     assert event.at == 1.000001
+
+
+async def test_a_fully_read_log_past_its_bound_is_cut_back(tmp_path: Path) -> None:
+    log = tmp_path / "trace.log"
+    log.write_bytes(b"")
+    line = "1@5.000002:virtio_net_rss_enable hashes 0x3f, table of 128, key of 40\n"
+    async with TraceFollower(log, max_bytes=3 * len(line)) as follower:
+        events = aiter(follower)
+        with log.open("a") as out:  # O_APPEND, as QEMU writes the log
+            out.write(line * 4)
+            out.flush()
+            kinds = [(await asyncio.wait_for(anext(events), 5)).kind for _ in range(5)]
+            assert kinds == ["enable"] * 4 + ["truncated"]
+            assert log.stat().st_size == 0
+            out.write("1@6.000000:virtio_net_rss_disable \n")
+            out.flush()
+            after = await asyncio.wait_for(anext(events), 5)
+    assert (after.kind, after.at) == ("disable", 6.0)
+    assert log.stat().st_size == len("1@6.000000:virtio_net_rss_disable \n")
+
+
+async def test_a_symlink_in_place_of_the_log_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("1@1.000001:virtio_net_rss_disable \n")
+    log = tmp_path / "trace.log"
+    log.symlink_to(target)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        async with TraceFollower(log):
+            pass

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 IN_MODIFY = 0x00000002
+IN_DONT_FOLLOW = 0x02000000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 
@@ -17,6 +18,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 class FileWatch:
     """Sets `written` each time *path* is written to, until `close`.
+
+    A symbolic link at *path* is watched as the link, never followed.
 
     Create it inside the running loop, which watches the inotify fd; whoever waits on
     `written` clears it.
@@ -27,7 +30,7 @@ class FileWatch:
         if self.fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        if _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY) < 0:
+        if _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY | IN_DONT_FOLLOW) < 0:
             err = ctypes.get_errno()
             os.close(self.fd)
             raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")

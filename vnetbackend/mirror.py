@@ -8,8 +8,20 @@ under QEMU's big lock, after the guest's control command (and QEMU's detach) com
 so attaching after it cannot be undone by that same commit.
 
 While the device's RSS is off the program is switched off and detached, so the tap
-steers as it does without RSS. What cannot be read or validated keeps the previous
-configuration in force and is published as an event; nothing is guessed.
+steers as it does without RSS. Nothing is guessed, and nothing QEMU, the guest or the tap
+does makes `Mirror.sync` raise:
+
+* a state QEMU holds but that is out of specification is refused
+  (``VNET_RSS_REFUSED``, with the field and value): the configuration in force stays
+  in the maps and the program is attached again, since QEMU detached it on the commit;
+* a snapshot that fails (QEMU not answering, an error reply, an unreadable stream) or
+  a steering update that fails is ``VNET_SYNC_FAILED`` with the stage and the reason;
+  the configuration in force stays, attached where the tap lets it, and the caller
+  syncs again later (``VNET_SYNC_RECOVERED`` when that works).
+
+`MirrorStatus` says what the tap holds: ``attached`` turns false as soon as a notice
+says QEMU has detached the program (`qemu_detached`) and true only once the mirror has
+attached it again.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from typing import Any
 
 from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.follower import RssTraceEvent
+from vnetbackend.qemu.qmp import QemuCallFailed
 from vnetbackend.qemu.snapshot import RssState, SnapshotError
 from vnetbackend.rss import InvalidRssConfig, RssConfig, rss_view
 from vnetbackend.steering.program import SteeringError, SteeringProgram
@@ -33,7 +46,12 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class MirrorStatus:
-    """What the mirror last did, for ``query-vnet``."""
+    """What the mirror last did, for ``query-vnet``.
+
+    ``rss`` is the configuration in force (the one the maps hold; None while RSS is
+    off), ``state`` the device state it came from. ``refusal`` describes the last state
+    refused, ``failure`` the last failed sync while it has not been recovered from.
+    """
 
     rss: RssConfig | None = None
     state: RssState | None = None
@@ -41,7 +59,9 @@ class MirrorStatus:
     changes: int = 0
     syncs: int = 0
     refused: int = 0
-    last_error: str | None = None
+    failed: int = 0
+    refusal: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
     last_latency_ms: float | None = None
 
 
@@ -59,15 +79,27 @@ class Mirror:
         self._publish = publish
         self.status = MirrorStatus()
 
-    async def sync(self, cause: RssTraceEvent | None = None) -> None:
-        """Bring the program in line with the device now; *cause* dates the change."""
+    def qemu_detached(self) -> None:
+        """QEMU committed a guest RSS command, and with it detached the program."""
+        self.status.attached = False
+
+    async def sync(self, cause: RssTraceEvent | None = None) -> bool:
+        """Bring the program in line with the device now; *cause* dates the change.
+
+        True when the program holds what the device holds, or the configuration in force
+        after a refusal; False when the sync failed and should be tried again.
+        """
         self.status.syncs += 1
         try:
             state = await self._reader.read(self._device)
+        except (QemuCallFailed, SnapshotError) as err:
+            self.note_failure("snapshot", err)
+            return False
+        try:
             config = state.to_config(self._queues) if state and state.enabled else None
-        except (SnapshotError, InvalidRssConfig) as err:
+        except InvalidRssConfig as err:
             self._refuse(err, cause)
-            return
+            return self._keep_in_force()
         try:
             if config is None:
                 self._program.disable()
@@ -76,21 +108,50 @@ class Mirror:
                 self._program.apply(config, redirect=state.redirect)
                 self._program.attach(self._control_fd)
         except (SteeringError, OSError) as err:
-            self.status.attached = False
-            self.status.last_error = f"steering: {err}"
-            log.error("cannot update the steering program: %s", err)
-            self._publish("VNET_STEERING_FAILED", {"reason": str(err)})
-            return
+            self.note_failure("steering", err)
+            return False
         self.status.attached = config is not None
+        self._recovered()
         self._record(state, config, cause)
+        return True
 
-    def _refuse(self, err: Exception, cause: RssTraceEvent | None) -> None:
+    def _keep_in_force(self) -> bool:
+        """Attach the program again with the configuration the maps still hold."""
+        if self.status.rss is None:
+            return True
+        try:
+            self._program.attach(self._control_fd)
+        except OSError as err:
+            self.note_failure("steering", err)
+            return False
+        self.status.attached = True
+        self._recovered()
+        return True
+
+    def note_failure(self, stage: str, err: Exception) -> None:
+        """A query at *stage* failed: an event now, ``VNET_SYNC_RECOVERED`` once a sync
+        works again."""
+        self.status.failed += 1
+        self.status.failure = {"stage": stage, "reason": str(err)}
+        log.warning("sync failed at the %s, the configuration in force stays: %s", stage, err)
+        self._publish("VNET_SYNC_FAILED", {
+            "stage": stage, "reason": str(err), "in-force": rss_view(self.status.rss),
+            "attached": self.status.attached,
+        })
+
+    def _recovered(self) -> None:
+        if self.status.failure is not None:
+            self._publish("VNET_SYNC_RECOVERED", {"after": self.status.failure})
+            self.status.failure = None
+
+    def _refuse(self, err: InvalidRssConfig, cause: RssTraceEvent | None) -> None:
         self.status.refused += 1
-        self.status.last_error = str(err)
-        log.warning("guest RSS state refused, previous configuration stays: %s", err)
+        self.status.refusal = {"reason": str(err), "field": err.field,
+                               "value": _json_value(err.value)}
+        log.warning("guest RSS state refused, the configuration in force stays: %s", err)
         self._publish("VNET_RSS_REFUSED", {
-            "reason": str(err),
-            "field": getattr(err, "field", None),
+            **self.status.refusal,
+            "in-force": rss_view(self.status.rss),
             "trace": cause.detail if cause else None,
         })
 
@@ -102,7 +163,6 @@ class Mirror:
             self.status.last_latency_ms = latency
         changed = config != self.status.rss or state != self.status.state
         self.status.state, self.status.rss = state, config
-        self.status.last_error = None
         if changed:
             self.status.changes += 1
             self._publish("VNET_RSS_CHANGED", {
@@ -114,3 +174,12 @@ class Mirror:
             })
         if config is not None:
             self._publish("VNET_STEERING_ATTACHED", {"latency-ms": latency})
+
+
+def _json_value(value: object) -> object:
+    """*value* as a JSON-ready value for an event (what cannot be is given as text)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+        return list(value)
+    return repr(value)

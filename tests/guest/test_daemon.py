@@ -375,3 +375,54 @@ async def test_demo_exits_0_with_every_frame_accounted_for() -> None:
     assert result["departures"] > 0, "the documented QEMU departures should show"
     assert {"ipv4_tcp", "ipv6_udp", "vlan_ipv4_tcp", "arp"} <= set(result["classes"])
     assert b"configuration 5/5" in err
+
+
+async def next_event(client: QMPClient, name: str) -> dict[str, Any]:
+    """The next event *name* on the daemon's monitor (others are passed over)."""
+    async def wanted() -> dict[str, Any]:
+        while (event := await client.events.get())["event"] != name:
+            pass
+        return event
+    return await asyncio.wait_for(wanted(), EVENT_TIMEOUT)
+
+
+async def test_a_stopped_qemu_is_an_event_and_the_mirror_resumes(tmp_path: Path) -> None:
+    """SIGSTOP makes QEMU's answers time out: an event, the configuration stays in force
+    and attached, the daemon keeps serving; after SIGCONT it reads the device again."""
+    async with attached_guest(tmp_path) as bed:
+        await bed.rss.set_rxfh(key=bytes(range(21, 61)), equal=4)
+        guest_config = await bed.rss.read_config()
+        before = await wait_mirrored(bed.monitor, guest_config)
+        pid = bed.guest.qemu.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            failed = await next_event(bed.monitor, "VNET_SYNC_FAILED")
+            during = await bed.monitor.execute("query-vnet")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert "no answer within" in failed["data"]["reason"]
+        assert same_rss(failed["data"]["in-force"], guest_config)
+        assert during["steering"]["attached"] and same_rss(during["steering"]["rss"],
+                                                            guest_config)
+        assert during["mirror"]["failure"]["stage"] == failed["data"]["stage"]
+        recovered = await next_event(bed.monitor, "VNET_SYNC_RECOVERED")
+        assert recovered["data"]["after"]["stage"] == failed["data"]["stage"]
+        after = await bed.monitor.execute("query-vnet")
+        assert after["mirror"]["failure"] is None and after["steering"]["attached"]
+        assert after["mirror"]["syncs"] > before["mirror"]["syncs"]
+        await bed.rss.set_rxfh(key=bytes(range(31, 71)), equal=2)
+        await wait_mirrored(bed.monitor, await bed.rss.read_config())
+
+
+async def test_the_lines_of_one_guest_command_cost_one_sync(tmp_path: Path) -> None:
+    """Each ethtool -X writes two trace lines (disable, enable); the snapshot asked for
+    after the first covers the second."""
+    async with attached_guest(tmp_path) as bed:
+        await wait_mirrored(bed.monitor, await bed.rss.read_config())
+        before = (await bed.monitor.execute("query-vnet"))["mirror"]["syncs"]
+        commands = 5
+        for n in range(commands):
+            await bed.rss.set_rxfh(key=bytes(range(n, n + 40)), equal=4 - n % 2)
+            await wait_mirrored(bed.monitor, await bed.rss.read_config())
+        after = (await bed.monitor.execute("query-vnet"))["mirror"]["syncs"]
+    assert commands <= after - before < 2 * commands

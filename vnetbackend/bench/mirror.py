@@ -39,7 +39,7 @@ EVENT_TIMEOUT = 60.0
 KEY_LENGTH = 40
 MAX_CHANGES = 999
 #: Daemon events that mean a change was not mirrored.
-FAILURE_EVENTS = frozenset({"VNET_RSS_REFUSED", "VNET_STEERING_FAILED",
+FAILURE_EVENTS = frozenset({"VNET_RSS_REFUSED", "VNET_SYNC_FAILED",
                             "VNET_GUEST_RSS_REJECTED"})
 
 

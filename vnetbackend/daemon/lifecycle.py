@@ -4,12 +4,20 @@
 
 * a ``quit`` on the monitor or SIGTERM/SIGINT: clean shutdown, status 0;
 * QEMU exits or its QMP connection drops: status `EXIT_QEMU_GONE`;
-* the tap is deleted: status `EXIT_TAP_GONE`.
+* the tap is deleted: status `EXIT_TAP_GONE`;
+* the daemon itself cannot go on (a fault in its own code): status `EXIT_FAILED`, with
+  the reason.
 
 On the way out the program is detached from the tap (where the tap still exists), and
 what the caller registered as cleanup (stopping a QEMU it launched, deleting a tap it
-created) runs. Everything else (a refused guest configuration, a failed snapshot, a
-guest that declines RSS) is published as an event and the daemon keeps going.
+created) runs. Everything QEMU or the guest can cause (a refused guest configuration, a
+failed or timed-out QMP call, a QEMU stopped and resumed, a guest that declines RSS) is
+published as an event and the daemon keeps going: a failed sync is tried again, with a
+growing delay, until QEMU answers.
+
+Trace lines that QEMU wrote before a snapshot was asked for are covered by that
+snapshot (QEMU writes them while handling the guest's command, under the lock the
+snapshot also needs), so the lines of one guest command cost one sync.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import enum
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +42,7 @@ from vnetbackend.mirror import Mirror
 from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.features import WANTED_FEATURES, VirtioFeatures, query_features
 from vnetbackend.qemu.follower import RssTraceEvent, TraceFollower, control_queue_commits
+from vnetbackend.qemu.qmp import QemuCallFailed
 from vnetbackend.steering.program import SteeringProgram
 
 log = logging.getLogger("vnetbackend.daemon")
@@ -40,8 +50,12 @@ log = logging.getLogger("vnetbackend.daemon")
 EXIT_OK = 0
 EXIT_QEMU_GONE = 3
 EXIT_TAP_GONE = 4
+EXIT_FAILED = 5
 #: How often the device's negotiated features are read again (a guest may reset it).
 FEATURE_POLL_S = 0.5
+#: Delays before a failed sync is tried again: doubling from the first to the last.
+RETRY_FIRST_S = 0.25
+RETRY_LAST_S = 4.0
 
 
 class Ending(enum.Enum):
@@ -50,6 +64,7 @@ class Ending(enum.Enum):
     REQUESTED = EXIT_OK
     QEMU_GONE = EXIT_QEMU_GONE
     TAP_GONE = EXIT_TAP_GONE
+    FAILED = EXIT_FAILED
 
 
 @dataclass
@@ -79,6 +94,11 @@ class Daemon:
     negotiated: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     mirror: Mirror = field(init=False)
+    #: A sync is owed (a notice came, or the last sync failed); its first cause.
+    _owed: asyncio.Event = field(default_factory=asyncio.Event)
+    _owed_cause: RssTraceEvent | None = None
+    #: Wall-clock time at which the newest sync asked QEMU for its snapshot.
+    _snapshot_asked: float = float("-inf")
 
     def __post_init__(self) -> None:
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
@@ -102,19 +122,22 @@ class Daemon:
             asyncio.create_task(self._qemu_gone()): Ending.QEMU_GONE,
         }
         workers = [asyncio.create_task(self._follow()),
+                   asyncio.create_task(self._sync_when_owed()),
                    asyncio.create_task(self._watch_negotiation())]
         try:
             done, _ = await asyncio.wait([*watchers, *workers],
                                          return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task in workers:  # a worker only ends by failing
-                    task.result()
-            first = next(t for t in watchers if t in done)
-            self.ending = watchers[first]
-            if self.ending is Ending.QEMU_GONE:
-                self.ending_reason = first.result()
-            elif self.ending is Ending.TAP_GONE:
-                self.ending_reason = f"tap {self.tap_name} was deleted"
+            first = next((t for t in watchers if t in done), None)
+            if first is None:  # a worker only ends by a fault of the daemon's own
+                failed = next(t for t in workers if t in done)
+                self.ending = Ending.FAILED
+                self.ending_reason = f"the daemon failed: {_describe(failed)}"
+            elif (ending := watchers[first]) is Ending.QEMU_GONE:
+                self.ending, self.ending_reason = ending, first.result()
+            elif ending is Ending.TAP_GONE:
+                self.ending, self.ending_reason = ending, f"tap {self.tap_name} was deleted"
+            else:
+                self.ending = ending
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
@@ -142,30 +165,81 @@ class Daemon:
         return "the QMP connection to QEMU closed"
 
     async def _follow(self) -> None:
-        """Mirror now, then again on every change QEMU reports."""
+        """Owe a sync now, then on every change QEMU reports (following first, so that
+        no change between the first sync and the start of following is missed)."""
         if self.trace_log is None:
-            await self.mirror.sync()
-            async for _ in control_queue_commits(self.qmp, self.device.virtio_path,
-                                                 2 * self.queues):
-                await self._change_noticed(None)
+            await self._follow_control_queue()
             return
         async with TraceFollower(self.trace_log) as events:
-            await self.mirror.sync()
+            self._owe_sync(None)
             async for event in events:
                 if event.kind == "error":
                     self.publish("VNET_GUEST_RSS_REJECTED", {"qemu-says": event.detail})
-                    continue
-                await self._change_noticed(event)
+                else:
+                    self._notice(event)
 
-    async def _change_noticed(self, event: RssTraceEvent | None) -> None:
-        await self.mirror.sync(event)
-        # A control command means the driver is up: have its features current too.
-        self._note_features(await query_features(self.qmp, self.device))
+    async def _follow_control_queue(self) -> None:
+        """Owe a sync when polling starts and whenever the control queue moves; a failed
+        poll is an event, and polling starts again after the retry delay."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                commits = control_queue_commits(self.qmp, self.device.virtio_path,
+                                                2 * self.queues)
+                await anext(commits)  # the index as polling starts
+                self._owe_sync(None)
+                delay = RETRY_FIRST_S
+                async for _ in commits:
+                    self._notice(None)
+            except QemuCallFailed as err:
+                self.mirror.note_failure("control-queue", err)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_LAST_S)
+
+    def _notice(self, event: RssTraceEvent | None) -> None:
+        """A guest command was committed: QEMU has detached the program and a sync is
+        owed, unless a snapshot asked for after QEMU wrote *event* covers it."""
+        if event is not None and event.at is not None and event.at < self._snapshot_asked:
+            return
+        self.mirror.qemu_detached()
+        self._owe_sync(event)
+
+    def _owe_sync(self, cause: RssTraceEvent | None) -> None:
+        """Have the device read again (the first cause dates the change)."""
+        if not self._owed.is_set():
+            self._owed_cause = cause
+            self._owed.set()
+
+    async def _sync_when_owed(self) -> None:
+        """Sync each time one is owed; after a failure, again after a growing delay."""
+        delay = RETRY_FIRST_S
+        while True:
+            await self._owed.wait()
+            self._owed.clear()
+            cause, self._owed_cause = self._owed_cause, None
+            self._snapshot_asked = time.time()
+            if await self.mirror.sync(cause):
+                delay = RETRY_FIRST_S
+                continue
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RETRY_LAST_S)
+            self._owe_sync(cause)
 
     async def _watch_negotiation(self) -> None:
+        """Read the features every `FEATURE_POLL_S`; once QEMU answers again after a
+        failed read, read the device again too (whatever happened in between)."""
+        failing = False
         while True:
-            features = await query_features(self.qmp, self.device)
-            self._note_features(features)
+            try:
+                features = await query_features(self.qmp, self.device)
+            except QemuCallFailed as err:
+                self.mirror.note_failure("features", err)
+                failing = True
+            else:
+                self._note_features(features)
+                if failing:
+                    failing = False
+                    self._owe_sync(None)
             await asyncio.sleep(FEATURE_POLL_S)
 
     def _note_features(self, features: VirtioFeatures) -> None:
@@ -181,3 +255,14 @@ class Daemon:
                 log.warning("the guest did not take %s",
                             ", ".join(sorted(set(WANTED_FEATURES) - now.negotiated)))
             self.publish("VNET_NEGOTIATED", view)
+
+
+def _describe(task: asyncio.Task[Any]) -> str:
+    """How a worker task ended, in words, with its traceback in the log."""
+    if task.cancelled():
+        return "a worker was cancelled"
+    err = task.exception()
+    if err is None:
+        return "a worker returned"
+    log.error("worker failed", exc_info=err)
+    return f"{type(err).__name__}: {err}"

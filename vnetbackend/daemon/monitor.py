@@ -11,8 +11,8 @@
 =================  ==========================================================
 
 Events: ``VNET_NEGOTIATED``, ``VNET_RSS_CHANGED``, ``VNET_STEERING_ATTACHED``,
-``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``, ``VNET_STEERING_FAILED``,
-``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
+``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``, ``VNET_SYNC_FAILED``,
+``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
             "syncs": mirror.syncs,
             "changes": mirror.changes,
             "refused": mirror.refused,
-            "last-error": mirror.last_error,
+            "failed": mirror.failed,
+            "last-refusal": mirror.refusal,
+            "failure": mirror.failure,
             "last-latency-ms": mirror.last_latency_ms,
             "following": "trace" if daemon.trace_log else "control-queue",
         },

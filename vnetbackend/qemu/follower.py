@@ -10,11 +10,19 @@ to a file once per RSS command the guest sends::
 `TraceFollower` tails that file without polling (inotify wakes it) and yields one
 `RssTraceEvent` per line. The events say *that* the configuration changed; what it
 changed to is read from the device itself (see `vnetbackend.qemu.snapshot`).
+
+The file's size is bounded whatever the guest does: once everything in it was read and
+it holds more than ``max_bytes``, the follower cuts it back to empty. QEMU writes it with
+O_APPEND (as `logfile` opens it, and as the daemon opens QEMU's own log), so its next
+line lands at the new end and QEMU never waits on the follower. A line written between
+the last read and the cut would be lost, so the cut is itself an event (``truncated``)
+after which the device must be read again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +37,8 @@ from vnetbackend.qemu.qmp import call, reply_field
 
 #: The QEMU trace events the follower reads (switched on over QMP).
 TRACE_EVENTS = "virtio_net_rss_*"
+#: The size past which a fully read trace log is cut back to empty.
+MAX_TRACE_LOG_BYTES = 1 << 20
 _LINE = re.compile(
     r"^(?:(?P<pid>\d+)@(?P<sec>\d+)\.(?P<usec>\d{6}):)?virtio_net_rss_"
     r"(?P<kind>enable|disable|error)\b ?(?P<args>.*)$"
@@ -39,7 +49,9 @@ _ENABLE_ARGS = re.compile(r"hashes 0x(?P<hashes>[0-9a-f]+), table of (?P<table>\
 
 @dataclass(frozen=True, slots=True)
 class RssTraceEvent:
-    """One RSS trace line. ``at`` is QEMU's wall-clock time (None without timestamps)."""
+    """One RSS trace line (``kind`` enable, disable or error), or the follower's note
+    that it cut the log back (``truncated``). ``at`` is QEMU's wall-clock time (None
+    without timestamps)."""
 
     kind: str
     at: float | None
@@ -63,6 +75,11 @@ def parse_trace_line(line: str) -> RssTraceEvent | None:
     return RssTraceEvent(match["kind"], at, args)
 
 
+def _no_follow(path: str, flags: int) -> int:
+    """Open *path* unless it is a symbolic link (someone else's file planted there)."""
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 class TraceFollower:
     """Yields the RSS trace events appended to *path* from now on (or from the start).
 
@@ -70,15 +87,17 @@ class TraceFollower:
     The file must exist (create it before QEMU opens it).
     """
 
-    def __init__(self, path: Path, *, from_start: bool = False) -> None:
+    def __init__(self, path: Path, *, from_start: bool = False,
+                 max_bytes: int = MAX_TRACE_LOG_BYTES) -> None:
         self.path = path
         self._from_start = from_start
+        self._max_bytes = max_bytes
         self._watch: FileWatch | None = None
         self._file: aiofiles.threadpool.binary.AsyncBufferedReader | None = None
 
     async def __aenter__(self) -> TraceFollower:
+        self._file = await aiofiles.open(self.path, "r+b", opener=_no_follow)
         self._watch = FileWatch(self.path)
-        self._file = await aiofiles.open(self.path, "rb")
         if not self._from_start:
             await self._file.seek(0, 2)
         return self
@@ -101,6 +120,13 @@ class TraceFollower:
             self._watch.written.clear()
             chunk = await self._file.read()
             if not chunk:
+                size = await self._file.tell()
+                if not partial and size > self._max_bytes:
+                    await self._file.truncate(0)
+                    await self._file.seek(0)
+                    yield RssTraceEvent("truncated", None, f"trace log cut back from {size} "
+                                                           "bytes")
+                    continue
                 await self._watch.written.wait()
                 continue
             lines = (partial + chunk).split(b"\n")
@@ -113,14 +139,17 @@ class TraceFollower:
 
 async def control_queue_commits(qmp: QMPClient, virtio_path: str, control_queue: int,
                                 interval: float = 0.1) -> AsyncIterator[int]:
-    """Yield the control queue's used index each time it moves (checked every *interval* s).
+    """Yield the control queue's used index as first read, then each time it moves
+    (checked every *interval* s).
 
     The fallback for a QEMU whose trace events cannot be switched on: every control
-    command the guest sends (RSS among them) advances that index.
+    command the guest sends (RSS among them) advances that index. Raises
+    `QemuCallFailed` when a query fails.
     """
     command = "x-query-virtio-queue-status"
     args = {"path": virtio_path, "queue": control_queue}
     last = reply_field(await call(qmp, command, args), "used-idx", int, command)
+    yield last
     while True:
         await asyncio.sleep(interval)
         used = reply_field(await call(qmp, command, args), "used-idx", int, command)
