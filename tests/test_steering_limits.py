@@ -18,7 +18,7 @@ from tests.prereq import need, need_bcc
 from vnetbackend.rss import frame, types
 from vnetbackend.steering import layout
 from vnetbackend.steering.layout import layout_defines
-from vnetbackend.steering.program import SOURCE_PATH
+from vnetbackend.steering.program import SOURCE_PATH, SteeringError, SteeringProgram
 
 #: The uapi headers the program includes.
 UAPI_HEADERS = ("virtio_net.h", "if_ether.h", "in.h", "in6.h")
@@ -129,3 +129,15 @@ def test_every_shared_value_is_checked(capfd: pytest.CaptureFixture[str]) -> Non
     errors = _errors(capfd.readouterr().err)
     assert {n for n in names if not any(_named(n, e) for e in errors)} == set()
     assert len(errors) == len(names)
+
+
+def test_the_loader_error_names_the_disagreeing_constant(tmp_path: Path) -> None:
+    need_bcc()
+    source = SOURCE_PATH.read_text()
+    wrong = source.replace(f"#define MAX_EXT_HEADERS {frame.MAX_EXT_HEADERS}\n",
+                           f"#define MAX_EXT_HEADERS {frame.MAX_EXT_HEADERS + 1}\n")
+    assert wrong != source
+    copy = tmp_path / SOURCE_PATH.name
+    copy.write_text(wrong)
+    with pytest.raises(SteeringError, match="Python disagrees on MAX_EXT_HEADERS"):
+        SteeringProgram(source=copy)

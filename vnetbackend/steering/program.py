@@ -18,8 +18,11 @@ mix configurations.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +72,23 @@ class SteeringState:
     config: RssConfig | None
 
 
+@contextlib.contextmanager
+def _compiler_output() -> Iterator[Callable[[], list[str]]]:
+    """Collect what the compiler writes to fd 2 while the block runs (bcc prints its
+    diagnostics there, not into the exception); it is written to fd 2 again after."""
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: text.splitlines()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            os.write(2, text.encode())
+
+
 def _map_call(name: str, what: str, result: int) -> None:
     if result < 0:
         err = ct.get_errno()
@@ -94,12 +114,20 @@ class SteeringProgram:
         from bcc.utils import get_possible_cpus
 
         self._lib = lib
-        try:
-            self._bpf = BPF(text=text.encode(),
-                            cflags=[f"-DREPORT_RING_PAGES={ring_pages}", *layout_defines()])
-            self._function = self._bpf.load_func(b"steer", BPF.SOCKET_FILTER)
-        except Exception as err:  # bcc raises bare Exception for compile/verifier errors
-            raise SteeringError(f"loading {source.name}: {err}") from err
+        with _compiler_output() as diagnostics:
+            try:
+                self._bpf = BPF(text=text.encode(),
+                                cflags=[f"-DREPORT_RING_PAGES={ring_pages}",
+                                        *layout_defines()])
+                self._function = self._bpf.load_func(b"steer", BPF.SOCKET_FILTER)
+            except Exception as err:  # bcc raises bare Exception for compile/verifier errors
+                failure: Exception | None = err
+            else:
+                failure = None
+        if failure is not None:
+            errors = [line for line in diagnostics() if "error:" in line]
+            raise SteeringError("\n".join([f"loading {source.name}: {failure}", *errors])
+                                ) from failure
         self._cpus = len(get_possible_cpus())
         self._fds = {name: self._bpf[name.encode()].map_fd
                      for name in ("rss_slots", "control", "counters", "reports")}
