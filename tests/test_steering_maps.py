@@ -53,10 +53,19 @@ def test_every_mirrored_field_is_checked_by_the_c_source() -> None:
             assert f"SAME_OFFSET({c_name}, {field_name});" in source, (c_name, field_name)
 
 
-def test_fresh_program_is_disabled(program: SteeringProgram) -> None:
+def test_fresh_program_is_disabled() -> None:
+    need_bcc()
+    with SteeringProgram() as fresh:
+        assert fresh.read_state() == SteeringState(False, False, None)
+        assert fresh.read_config() is None
+        assert prog_test_run(fresh.fd, TCP4).retval == 0
+
+
+def test_disable_returns_to_the_fresh_state(program: SteeringProgram) -> None:
+    program.apply(_config(unclassified_queue=3), redirect=False)
+    assert prog_test_run(program.fd, TCP4).retval == 3
     program.disable()
     assert program.read_state() == SteeringState(False, False, None)
-    assert program.read_config() is None
     assert prog_test_run(program.fd, TCP4).retval == 0
 
 
@@ -76,8 +85,10 @@ def test_invalid_configuration_is_refused_and_the_previous_stays(
     program.apply(config)
     with pytest.raises(TypeError, match="RssConfig"):
         program.apply({"hash_types": 1})  # type: ignore[arg-type]
-    with pytest.raises(InvalidRssConfig):
-        program.apply(_config(indirection_table=[0, 1, 2]))
+    assert program.read_config() == config
+    # An out-of-spec configuration cannot be built, so it never reaches the maps.
+    with pytest.raises(InvalidRssConfig, match="indirection_table"):
+        _config(indirection_table=[0, 1, 2])
     assert program.read_config() == config
     [(retval, report)] = run_frames(program, [TCP4])
     assert (retval, report) == (config.steer(TCP4).queue, expected_report(

@@ -51,7 +51,10 @@ def test_queues_and_control_queue(name: str) -> None:
         assert tap.vnet_hdr_size(fds[0]) == 10
         tap.set_vnet_hdr_size(fds[0], 12)
         assert tap.vnet_hdr_size(fds[1]) == 12
+        # The detached control queue takes the steering ioctl and stays detached.
         tap.set_steering_program(control, -1)
+        assert "numqueues 4" in _link_details(name)
+        assert "numdisabled 1" in _link_details(name)
     finally:
         for fd in [*fds, control]:
             os.close(fd)
@@ -79,7 +82,8 @@ def test_delete_is_idempotent_and_context_manager_cleans_up(name: str) -> None:
         os.close(fd)
         assert tap.tap_exists(name)
     assert not tap.tap_exists(name)
-    tap.delete_tap(name)
+    assert tap.delete_tap(name) is None  # deleting what is gone is no error
+    assert not tap.tap_exists(name)
 
 
 def test_context_manager_deletes_on_error(name: str) -> None:
