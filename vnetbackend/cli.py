@@ -8,12 +8,17 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
+from vnetbackend import tap
 from vnetbackend.bench import BENCHMARKS
 from vnetbackend.daemon import launch
 from vnetbackend.daemon.lifecycle import Ending
+from vnetbackend.daemon.privileges import QEMU_USER
+from vnetbackend.daemon.run_dir import default_run_dir
+from vnetbackend.errors import VnetError
 from vnetbackend.qemu.command import DEVICE_ID
 from vnetbackend.rss import ALL_HASH_TYPES, InvalidRssConfig, RssConfig, parse_hash_types
 from vnetbackend.rss.vectors import MICROSOFT_KEY
@@ -31,6 +36,14 @@ def _queue_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated queue list: {text!r}") from None
+
+
+def _tap_name(text: str) -> str:
+    try:
+        tap.check_name(text)
+    except tap.TapError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _hash_types(text: str) -> int:
@@ -69,10 +82,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    return args.run_dir or Path("/run/vnetbackend") / args.tap
+    return args.run_dir or default_run_dir(args.tap)
 
 
-def _finish(ending: Ending, reason: str) -> int:
+def _finish(outcome: Coroutine[Any, Any, tuple[Ending, str]]) -> int:
+    """Run the daemon; its exit status (1 when it could not be set up)."""
+    try:
+        ending, reason = asyncio.run(outcome)
+    except VnetError as err:
+        print(f"vnetbackend: {err}", file=sys.stderr)
+        return 1
     if ending is not Ending.REQUESTED:
         print(f"vnetbackend: {reason}", file=sys.stderr)
     return ending.value
@@ -84,15 +103,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = launch.RunOptions(
         qemu_args=tuple(qemu_args), tap_name=args.tap, queues=args.queues, run_dir=run_dir,
         monitor=args.monitor or run_dir / launch.MONITOR_SOCKET, mac=args.mac,
-        pass_fds=tuple(args.pass_fd))
-    return _finish(*asyncio.run(launch.run(options)))
+        pass_fds=tuple(args.pass_fd), qemu_user=args.qemu_user)
+    return _finish(launch.run(options))
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
-    return _finish(*asyncio.run(launch.attach(
+    return _finish(launch.attach(
         args.qmp, args.tap, run_dir, args.monitor or run_dir / launch.MONITOR_SOCKET,
-        args.device_id, not args.poll_control_queue)))
+        args.device_id, not args.poll_control_queue))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -102,9 +121,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str) -> None:
-    parser.add_argument("--tap", required=True, help=tap_help)
+    parser.add_argument("--tap", required=True, type=_tap_name, help=tap_help)
     parser.add_argument("--run-dir", type=Path,
-                        help="sockets and trace log (default: /run/vnetbackend/TAP)")
+                        help="sockets and QEMU's log, mode 0700 (default: "
+                             "/run/vnetbackend/TAP)")
     parser.add_argument("--monitor", type=Path,
                         help="the daemon's QMP monitor socket (default: RUN_DIR/monitor.sock)")
 
@@ -132,14 +152,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="launch QEMU on a new multi-queue tap and mirror its guest's RSS",
         description="Everything after -- is passed to QEMU; vnetbackend adds the tap, "
-                    f"the virtio-net device (id {DEVICE_ID}), a QMP monitor and "
-                    "the RSS trace events.")
+                    f"the virtio-net device (id {DEVICE_ID}), a QMP monitor, "
+                    "the RSS trace events, and the switch to an unprivileged user in a "
+                    "seccomp sandbox.")
     _add_daemon_options(run, "name of the tap to create")
     run.add_argument("--queues", type=int, default=2, choices=range(1, 9), metavar="1..8",
                      help="queue pairs (default: %(default)s)")
     run.add_argument("--mac", help="the guest's MAC address")
     run.add_argument("--pass-fd", type=int, action="append", default=[], metavar="FD",
                      help="an open fd QEMU inherits (for -chardev ...,fd=FD); repeatable")
+    run.add_argument("--qemu-user", default=QEMU_USER, metavar="USER",
+                     help="the unprivileged user QEMU switches to once started "
+                          "(default: %(default)s, created by scripts/setup)")
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, help="-- QEMU arguments")
     run.set_defaults(handler=_cmd_run)
 

@@ -13,7 +13,13 @@ does makes `Mirror.sync` raise:
 
 * a state QEMU holds but that is out of specification is refused
   (``VNET_RSS_REFUSED``, with the field and value): the configuration in force stays
-  in the maps and the program is attached again, since QEMU detached it on the commit;
+  in the maps and the program is attached again, since QEMU detached it on the commit.
+  Queue indices are checked against the queue pairs the device has active
+  (``curr_queue_pairs``, the tap queues QEMU keeps attached and among which tun picks
+  by the program's answer): the specification asks the driver to name only enabled
+  queues in the indirection table, and "enabled" is read here as active in the device.
+  QEMU 7.2 accepts a table naming queues beyond them and folds those frames onto the
+  active ones;
 * a snapshot that fails (QEMU not answering, an error reply, an unreadable stream) or
   a steering update that fails is ``VNET_SYNC_FAILED`` with the stage and the reason;
   the configuration in force stays, attached where the tap lets it, and the caller
@@ -49,7 +55,8 @@ class MirrorStatus:
     """What the mirror last did, for ``query-vnet``.
 
     ``rss`` is the configuration in force (the one the maps hold; None while RSS is
-    off), ``state`` the device state it came from. ``refusal`` describes the last state
+    off), ``state`` the device state it came from, ``active_queue_pairs`` the pairs the
+    device served at the last snapshot. ``refusal`` describes the last state
     refused, ``failure`` the last failed sync while it has not been recovered from.
     """
 
@@ -63,19 +70,18 @@ class MirrorStatus:
     refusal: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     last_latency_ms: float | None = None
+    active_queue_pairs: int | None = None
 
 
 class Mirror:
     """Reads the device's RSS state on each notice and makes the program follow it."""
 
     def __init__(self, reader: DeviceStateReader, device: NetDevice,
-                 program: SteeringProgram, control_fd: int, queues: int,
-                 publish: EventSink) -> None:
+                 program: SteeringProgram, control_fd: int, publish: EventSink) -> None:
         self._reader = reader
         self._device = device
         self._program = program
         self._control_fd = control_fd
-        self._queues = queues
         self._publish = publish
         self.status = MirrorStatus()
 
@@ -91,12 +97,15 @@ class Mirror:
         """
         self.status.syncs += 1
         try:
-            state = await self._reader.read(self._device)
+            device = await self._reader.read(self._device)
         except (QemuCallFailed, SnapshotError) as err:
             self.note_failure("snapshot", err)
             return False
+        state = device.rss
+        self.status.active_queue_pairs = device.curr_queue_pairs
         try:
-            config = state.to_config(self._queues) if state and state.enabled else None
+            config = (state.to_config(device.curr_queue_pairs) if state and state.enabled
+                      else None)
         except InvalidRssConfig as err:
             self._refuse(err, cause)
             return self._keep_in_force()

@@ -1,14 +1,22 @@
 """Starting the daemon: with a QEMU it launches (`run`) or next to a running one (`attach`).
 
 ``run`` creates the multi-queue tap, loads the steering program, opens the tap's queues
-and hands them to QEMU (QEMU then needs neither CAP_NET_ADMIN nor CAP_BPF), adds the
-virtio-net device with RSS and hash reports offered, a QMP monitor on a socket it
-listens on before QEMU starts, and the RSS trace events. QEMU's monitor socket stays in
-the run directory, so a daemon started again later can ``attach`` to the same QEMU;
-QEMU's own output goes to ``qemu.log`` there.
+and hands them to QEMU, adds the virtio-net device with RSS and hash reports offered and
+a QMP monitor on a socket it listens on before QEMU starts. QEMU starts with no
+capability but those it needs to switch user, and switches to an unprivileged user
+(`vnetbackend.daemon.privileges.QEMU_USER` unless told otherwise) inside a seccomp
+sandbox once it has opened what its command line names: it needs neither CAP_NET_ADMIN
+nor CAP_BPF, and opens nothing in the run directory. Its stdout and stderr go to
+``qemu.log`` there, opened by the daemon, and so do its RSS trace events (switched on
+over QMP), which the daemon follows in that file. QEMU's monitor socket stays in the run
+directory, so a daemon started again later can ``attach`` to the same QEMU.
 
-``attach`` connects to a QEMU's QMP socket, switches its RSS trace events on (or, if
-that fails, follows the control queue instead) and takes over the steering of its tap.
+``attach`` connects to a QEMU's QMP socket, switches its RSS trace events on into
+``rss-trace.log`` in the run directory (or, if that fails, follows the control queue
+instead) and takes over the steering of its tap.
+
+Once set up, a daemon started by `run` or `attach` keeps only the capabilities it still
+needs (`vnetbackend.daemon.privileges`).
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +37,31 @@ from qemu.qmp import QMPClient
 from vnetbackend import tap
 from vnetbackend.daemon.lifecycle import Daemon, Ending
 from vnetbackend.daemon.monitor import register_commands, version_info
+from vnetbackend.daemon.privileges import (
+    QEMU_USER,
+    RUNNING_CAPABILITIES,
+    QemuUser,
+    capability_names,
+    drop_capabilities,
+    qemu_user,
+)
 from vnetbackend.daemon.qmp_server import QmpServer
-from vnetbackend.qemu.command import DEVICE_ID, monitor_args, net_device_args
-from vnetbackend.qemu.device import DeviceStateReader, find_net_device
+from vnetbackend.daemon.run_dir import RunDir
+from vnetbackend.qemu.command import (
+    DEVICE_ID,
+    monitor_args,
+    net_device_args,
+    unprivileged_args,
+)
+from vnetbackend.qemu.device import DeviceStateReader, find_net_device, query_qemu_version
 from vnetbackend.qemu.follower import TRACE_EVENTS
-from vnetbackend.qemu.process import QEMU_BINARY, exit_reason, listen_unix, start_qemu, stop_process
+from vnetbackend.qemu.process import (
+    QEMU_BINARY,
+    exit_reason,
+    qemu_version,
+    start_confined_qemu,
+    stop_process,
+)
 from vnetbackend.qemu.qmp import QemuCallFailed, call, reply_field
 from vnetbackend.steering.program import SteeringProgram
 
@@ -46,9 +76,10 @@ QEMU_STOP_GRACE_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    """What ``vnetbackend run`` needs; *run_dir* holds sockets and the trace log.
+    """What ``vnetbackend run`` needs; *run_dir* holds the sockets and QEMU's log.
 
     *pass_fds* are open fds QEMU inherits, for arguments such as ``-chardev socket,fd=N``.
+    *qemu_user* is the user QEMU switches to.
     """
 
     qemu_args: tuple[str, ...]
@@ -59,16 +90,20 @@ class RunOptions:
     mac: str | None = None
     pass_fds: tuple[int, ...] = ()
     qemu_binary: str = QEMU_BINARY
+    qemu_user: str = QEMU_USER
 
 
-def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int) -> list[str]:
-    """QEMU's command line: the user's arguments plus the tap, the device, QMP and trace
-    timestamps. The trace events themselves are switched on over QMP (`_enable_trace`),
-    as for a QEMU the daemon attaches to, so both ways follow the guest alike."""
+def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int, user: QemuUser,
+              version: tuple[int, int, int]) -> list[str]:
+    """QEMU's command line: the user's arguments plus the tap, the device, QMP, trace
+    timestamps, and (last, so that they win) the switch to *user* and the sandbox. The
+    trace events themselves are switched on over QMP (`_enable_trace`), as for a QEMU the
+    daemon attaches to, so both ways follow the guest alike."""
     return [
         options.qemu_binary, *options.qemu_args,
         *net_device_args(queue_fds, mac=options.mac),
         *monitor_args("vnetbackend-qmp", qmp_fd), "-msg", "timestamp=on",
+        *unprivileged_args(user.name, version),
     ]
 
 
@@ -85,83 +120,136 @@ async def _monitored(daemon: Daemon, monitor: QmpServer) -> AsyncIterator[Daemon
         yield daemon
 
 
-async def _serve(daemons: contextlib.AbstractAsyncContextManager[Daemon]) -> tuple[Ending, str]:
+async def _serve_with_only(daemons: contextlib.AbstractAsyncContextManager[Daemon],
+                           keep: Collection[int]) -> tuple[Ending, str]:
+    """Set up the daemon *daemons* yields, keep only the capabilities *keep*, serve it.
+
+    Capabilities belong to threads, so no thread of the setup may outlive it: its blocking
+    calls run in a pool that is shut down before the drop (later threads are started by
+    this one and inherit its sets), and child processes are waited for through pidfds
+    (Python 3.11's default child watcher waits in a thread per child; 3.12 and later
+    use pidfds themselves).
+    """
+    loop = asyncio.get_running_loop()
+    if sys.version_info < (3, 12):
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(loop)
+        asyncio.set_child_watcher(watcher)
+    setup = ThreadPoolExecutor(thread_name_prefix="vnetbackend-setup")
+    loop.set_default_executor(setup)
     async with daemons as daemon:
+        setup.shutdown(wait=True)
+        loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="vnetbackend"))
+        kept = drop_capabilities(keep)
+        log.info("set up; capabilities kept: %s",
+                 ", ".join(capability_names(kept.effective)) or "none")
         ending = await daemon.serve()
         return ending, daemon.ending_reason
 
 
-def run(options: RunOptions) -> Awaitable[tuple[Ending, str]]:
-    """Launch QEMU on a new tap and mirror its guest until something ends it."""
-    return _serve(launched(options))
+async def run(options: RunOptions) -> tuple[Ending, str]:
+    """Launch QEMU on a new tap and mirror its guest until something ends it.
+
+    Once set up, the daemon keeps only `RUNNING_CAPABILITIES` (deleting the tap at exit,
+    signalling QEMU).
+    """
+    return await _serve_with_only(launched(options), RUNNING_CAPABILITIES)
 
 
-def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
-           device_id: str = DEVICE_ID, use_trace: bool = True,
-           ) -> Awaitable[tuple[Ending, str]]:
-    """Mirror the guest of an already running QEMU until something ends it."""
-    return _serve(attached(qmp_path, tap_name, run_dir, monitor_path, device_id, use_trace))
+async def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Path,
+                 device_id: str = DEVICE_ID, use_trace: bool = True) -> tuple[Ending, str]:
+    """Mirror the guest of an already running QEMU until something ends it.
+
+    Once set up, the daemon keeps no capability: it neither deletes the tap nor signals
+    QEMU.
+    """
+    return await _serve_with_only(
+        attached(qmp_path, tap_name, run_dir, monitor_path, device_id, use_trace), ())
 
 
 @contextlib.asynccontextmanager
 async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
-    """A daemon with its own tap and QEMU, its monitor listening; `Daemon.serve` it."""
-    options.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    trace_log = options.run_dir / TRACE_LOG
-    trace_log.write_bytes(b"")
-    monitor = QmpServer(options.monitor, version_info())
-    await asyncio.to_thread(tap.create_tap, options.tap_name)
-    try:
-        program = await asyncio.to_thread(SteeringProgram)
+    """A daemon with its own tap and QEMU, its monitor listening; `Daemon.serve` it.
+
+    Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses (before any
+    path is built from it), `vnetbackend.daemon.privileges.PrivilegeError` for a QEMU
+    user that does not exist or is root, `vnetbackend.qemu.process.QemuVersionUnknown`
+    for a QEMU binary that does not say its version, and
+    `vnetbackend.daemon.run_dir.RunDirError` for a run directory that breaks its rules.
+    """
+    tap.check_name(options.tap_name)
+    user = qemu_user(options.qemu_user)
+    version = await qemu_version(options.qemu_binary)
+    with RunDir.open(options.run_dir) as run_dir:
+        monitor = QmpServer(options.monitor, version_info())
+        await asyncio.to_thread(tap.create_tap, options.tap_name)
         try:
-            async with (_launched_with(options, program, trace_log, monitor.emit) as daemon,
-                        _monitored(daemon, monitor)):
-                yield daemon
+            program = await asyncio.to_thread(SteeringProgram)
+            try:
+                async with (_launched_with(options, run_dir, user, version, program,
+                                           monitor.emit) as daemon,
+                            _monitored(daemon, monitor)):
+                    yield daemon
+            finally:
+                program.close()
         finally:
-            program.close()
-    finally:
-        await asyncio.to_thread(tap.delete_tap, options.tap_name)
+            await asyncio.to_thread(tap.delete_tap, options.tap_name)
 
 
 @contextlib.asynccontextmanager
-async def _launched_with(options: RunOptions, program: SteeringProgram, trace_log: Path,
+async def _launched_with(options: RunOptions, run_dir: RunDir, user: QemuUser,
+                         version: tuple[int, int, int], program: SteeringProgram,
                          publish: Callable[[str, dict[str, Any]], None],
                          ) -> AsyncIterator[Daemon]:
     queue_fds = [tap.open_queue(options.tap_name) for _ in range(options.queues)]
     control_fd = tap.open_control_queue(options.tap_name)
-    listener = listen_unix(options.run_dir / QMP_SOCKET)
+    listener = log_fd = None
     try:
-        argv = qemu_argv(options, queue_fds, listener.fileno())
-        qemu_log = options.run_dir / QEMU_LOG
-        log.info("starting %s (its output goes to %s)", " ".join(argv), qemu_log)
-        process = await start_qemu(argv, pass_fds=(*queue_fds, listener.fileno(),
-                                                   *options.pass_fds), log_path=qemu_log)
+        listener = run_dir.listen(QMP_SOCKET)
+        # O_APPEND: QEMU writes at the end whatever the daemon has cut from the file.
+        log_fd = run_dir.create_file(QEMU_LOG, append=True)
+        argv = qemu_argv(options, queue_fds, listener.fileno(), user, version)
+        log.info("starting %s, to run as %s (uid %d; its output goes to %s)",
+                 " ".join(argv), user.name, user.uid, run_dir.path / QEMU_LOG)
+        process = await start_confined_qemu(
+            argv, pass_fds=(*queue_fds, listener.fileno(), *options.pass_fds),
+            log_fd=log_fd)
     except BaseException:
         os.close(control_fd)
         raise
     finally:
         for fd in queue_fds:
             os.close(fd)
-        listener.close()
+        if listener is not None:
+            listener.close()
+        if log_fd is not None:
+            os.close(log_fd)
     qmp = QMPClient("vnetbackend")
     try:
-        await qmp.connect(str(options.run_dir / QMP_SOCKET))
-        traced = await _enable_trace(qmp, trace_log)
-        yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
-                     state_reader=DeviceStateReader(qmp),
-                     tap_name=options.tap_name, queues=options.queues, program=program,
-                     control_fd=control_fd, trace_log=trace_log if traced else None,
-                     publish=publish,
-                     qemu_exited=exit_reason(process), qemu_pid=process.pid)
+        await qmp.connect(run_dir.inside(QMP_SOCKET))
+        traced = await _enable_trace(qmp, None)
+        version = await query_qemu_version(qmp)
+        async with DeviceStateReader(qmp, version, options.queues) as reader:
+            yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
+                         state_reader=reader,
+                         tap_name=options.tap_name, queues=options.queues, program=program,
+                         control_fd=control_fd,
+                         trace_log=run_dir.path / QEMU_LOG if traced else None,
+                         publish=publish,
+                         qemu_exited=asyncio.ensure_future(exit_reason(process)),
+                         qemu_pid=process.pid)
     finally:
         await _disconnect(qmp)
         await stop_process(process, QEMU_STOP_GRACE_S)
 
 
-async def _enable_trace(qmp: QMPClient, trace_log: Path) -> bool:
-    """Switch QEMU's RSS trace events to *trace_log*; False if this QEMU cannot."""
+async def _enable_trace(qmp: QMPClient, trace_log: Path | None) -> bool:
+    """Switch QEMU's RSS trace events on, to *trace_log* if given (QEMU opens it by path)
+    or else wherever QEMU's log goes (its stderr); False if this QEMU cannot."""
     try:
         await call(qmp, "trace-event-set-state", {"name": TRACE_EVENTS, "enable": True})
+        if trace_log is None:
+            return True
         reply = await call(qmp, "human-monitor-command",
                            {"command-line": f"logfile {trace_log}"})
     except QemuCallFailed as err:
@@ -180,28 +268,34 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
     """A daemon next to the QEMU at *qmp_path*, its monitor listening; `Daemon.serve` it.
 
     Without *use_trace* it follows the control queue's index instead of trace events.
+    Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses and
+    `vnetbackend.daemon.run_dir.RunDirError` for a run directory that breaks its rules.
     """
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    trace_log = run_dir / TRACE_LOG
-    trace_log.write_bytes(b"")
-    qmp = QMPClient("vnetbackend")
-    await qmp.connect(str(qmp_path))
-    try:
-        device = await find_net_device(qmp, device_id)
-        status = await call(qmp, "x-query-virtio-status", {"path": device.virtio_path})
-        queues = (reply_field(status, "num-vqs", int, "x-query-virtio-status") - 1) // 2
-        program = await asyncio.to_thread(SteeringProgram)
+    tap.check_name(tap_name)
+    with RunDir.open(run_dir) as directory:
+        os.close(directory.create_file(TRACE_LOG))
+        trace_log = directory.path / TRACE_LOG
+        qmp = QMPClient("vnetbackend")
+        await qmp.connect(str(qmp_path))
         try:
-            control_fd = tap.open_control_queue(tap_name)
-            traced = use_trace and await _enable_trace(qmp, trace_log)
-            monitor = QmpServer(monitor_path, version_info())
-            daemon = Daemon(qmp=qmp, device=device, state_reader=DeviceStateReader(qmp),
-                            tap_name=tap_name, queues=queues,
-                            program=program, control_fd=control_fd,
-                            trace_log=trace_log if traced else None, publish=monitor.emit)
-            async with _monitored(daemon, monitor):
-                yield daemon
+            device = await find_net_device(qmp, device_id)
+            status = await call(qmp, "x-query-virtio-status", {"path": device.virtio_path})
+            queues = (reply_field(status, "num-vqs", int, "x-query-virtio-status") - 1) // 2
+            program = await asyncio.to_thread(SteeringProgram)
+            try:
+                control_fd = tap.open_control_queue(tap_name)
+                traced = use_trace and await _enable_trace(qmp, trace_log)
+                monitor = QmpServer(monitor_path, version_info())
+                version = await query_qemu_version(qmp)
+                async with DeviceStateReader(qmp, version, queues) as reader:
+                    daemon = Daemon(qmp=qmp, device=device, state_reader=reader,
+                                    tap_name=tap_name, queues=queues,
+                                    program=program, control_fd=control_fd,
+                                    trace_log=trace_log if traced else None,
+                                    publish=monitor.emit)
+                    async with _monitored(daemon, monitor):
+                        yield daemon
+            finally:
+                program.close()
         finally:
-            program.close()
-    finally:
-        await _disconnect(qmp)
+            await _disconnect(qmp)

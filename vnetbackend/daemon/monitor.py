@@ -69,6 +69,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
             "failed": mirror.failed,
             "last-refusal": mirror.refusal,
             "failure": mirror.failure,
+            "active-queue-pairs": mirror.active_queue_pairs,
             "last-latency-ms": mirror.last_latency_ms,
             "following": "trace" if daemon.trace_log else "control-queue",
         },

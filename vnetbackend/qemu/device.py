@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from types import TracebackType
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, QMPError
 
 from vnetbackend.errors import VnetError
-from vnetbackend.qemu.qmp import QemuReplyError, call, reply_field
-from vnetbackend.qemu.snapshot import RssState, device_rss_state
+from vnetbackend.qemu.qmp import QemuCallFailed, QemuReplyError, call, reply_field
+from vnetbackend.qemu.snapshot import DeviceState, SnapshotError, read_device_state
 
 
 class DeviceNotFound(VnetError, LookupError):
     """QEMU has no virtio-net PCI device with the requested id."""
 
 VIRTIO_NET = "virtio-net"
+#: The name of the snapshot's memory file (``/proc/PID/fd`` shows ``/memfd:NAME``), and
+#: the note on its QMP fd set.
+STATE_FILE_NAME = "vnetbackend-device-state"
+#: A device-state stream larger than this is refused (a virtio-net guest's: ~90 KB).
+MAX_STATE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,33 +79,97 @@ class DeviceStateReader:
     """Takes device-state snapshots of one QEMU and reads a device's RSS state from them.
 
     Each `read` has QEMU save its devices' state (QMP ``xen-save-devices-state``, which
-    pauses the VM for milliseconds) and parses the device's part.
+    pauses the VM for milliseconds) and parses the device's part. QEMU writes into a memory
+    file (memfd) of the daemon's, handed over once as a QMP fd set (``add-fd``, the fd
+    sent with SCM_RIGHTS): no path, no shared directory, nothing QEMU must be allowed to
+    create. The file is emptied before each snapshot and read after it.
+
+    Use as ``async with DeviceStateReader(qmp, version, pairs) as reader: await
+    reader.read(device)``: entering hands the file to QEMU (`QemuCallFailed` if it does
+    not take it), leaving takes it back (``remove-fd``) and closes it. The stream's layout
+    depends on *qemu_version* (see `query_qemu_version`) and on *max_queue_pairs*, the
+    device's number of queue pairs (its tap queues). One snapshot at a time.
     """
 
-    def __init__(self, qmp: QMPClient) -> None:
+    def __init__(self, qmp: QMPClient, qemu_version: tuple[int, int, int],
+                 max_queue_pairs: int) -> None:
         self._qmp = qmp
+        self._qemu_version = qemu_version
+        self._max_queue_pairs = max_queue_pairs
+        self._file = -1
+        self._writer = -1
+        self._fdset: int | None = None
 
-    async def read(self, device: NetDevice) -> RssState | None:
-        """The RSS state of *device* now, None while its RSS is off.
+    async def __aenter__(self) -> DeviceStateReader:
+        self._file = os.memfd_create(STATE_FILE_NAME, os.MFD_CLOEXEC)
+        try:
+            # QEMU opens this command's file O_WRONLY and hands out an fd-set member only
+            # if its access mode is the same: give it a write-only open of the memfd.
+            self._writer = os.open(f"/proc/self/fd/{self._file}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self._qmp.send_fd_scm(self._writer)
+            except (QMPError, OSError) as err:
+                raise QemuCallFailed("add-fd", f"sending the fd: {err}") from err
+            reply = await call(self._qmp, "add-fd", {"opaque": STATE_FILE_NAME})
+            self._fdset = reply_field(reply, "fdset-id", int, "add-fd")
+        except BaseException:
+            self._close_fds()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if self._fdset is not None:
+                with contextlib.suppress(QemuCallFailed):  # QEMU may be gone already
+                    await call(self._qmp, "remove-fd", {"fdset-id": self._fdset})
+        finally:
+            self._fdset = None
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self._writer, self._file):
+            if fd >= 0:
+                os.close(fd)
+        self._writer = self._file = -1
+
+    async def snapshot(self) -> bytes:
+        """QEMU's device-state stream now.
+
+        Raises `QemuCallFailed` when QEMU does not take the snapshot and `SnapshotError`
+        when it wrote more than `MAX_STATE_BYTES`.
+        """
+        if self._fdset is None:
+            raise QemuCallFailed("xen-save-devices-state", "QEMU holds no file for it "
+                                 "(enter the DeviceStateReader first)")
+        # QEMU writes at the offset of the open file it shares with self._writer.
+        os.ftruncate(self._writer, 0)
+        os.lseek(self._writer, 0, os.SEEK_SET)
+        await call(self._qmp, "xen-save-devices-state",
+                   {"filename": f"/dev/fdset/{self._fdset}", "live": False})
+        size = os.fstat(self._file).st_size
+        if size > MAX_STATE_BYTES:
+            os.ftruncate(self._writer, 0)
+            raise SnapshotError(f"device state of {size} bytes, more than the "
+                                f"{MAX_STATE_BYTES} a snapshot may have")
+        # Read in place: ~90 KB from memory takes microseconds, while the three
+        # thread-pool hops of an async read cost ~1 ms on the mirror's path.
+        return os.pread(self._file, size, 0)
+
+    async def read(self, device: NetDevice) -> DeviceState:
+        """*device* as QEMU holds it now: its RSS state and active queue pairs.
 
         Raises `QemuCallFailed` when QEMU does not take the snapshot and
         `vnetbackend.qemu.snapshot.SnapshotError` when the snapshot cannot be read.
         """
-        fd, name = tempfile.mkstemp(prefix="vnetbackend-state-", dir=_scratch_dir())
-        os.close(fd)
-        path = Path(name)
-        try:
-            await call(self._qmp, "xen-save-devices-state",
-                       {"filename": str(path), "live": False})
-            # Read in place: ~90 KB from a memory-backed file takes microseconds, while
-            # the three thread-pool hops of an async read cost ~1 ms on the mirror's path.
-            stream = path.read_bytes()
-        finally:
-            path.unlink(missing_ok=True)
-        return device_rss_state(stream, device.pci_address)
+        return read_device_state(await self.snapshot(), device.pci_address,
+                                 self._qemu_version, self._max_queue_pairs)
 
 
-def _scratch_dir() -> str | None:
-    """A memory-backed directory when there is one: the snapshot is on the mirror's path."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+async def query_qemu_version(qmp: QMPClient) -> tuple[int, int, int]:
+    """(major, minor, micro) of the QEMU behind *qmp*, as ``query-version`` says."""
+    reply = await call(qmp, "query-version")
+    numbers = reply_field(reply, "qemu", dict, "query-version")
+    return (reply_field(numbers, "major", int, "query-version"),
+            reply_field(numbers, "minor", int, "query-version"),
+            reply_field(numbers, "micro", int, "query-version"))
