@@ -102,7 +102,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
-                             self.queues, self.publish)
+                             self.publish)
         self.checker = HashChecker(self.publish)
 
     def request_stop(self, reason: str = "requested") -> None:
@@ -218,7 +218,8 @@ class Daemon:
             self._owed.clear()
             cause, self._owed_cause = self._owed_cause, None
             self._snapshot_asked = time.time()
-            if await self.mirror.sync(cause):
+            # A control command means the driver is up: have its features current too.
+            if await self.mirror.sync(cause) and await self._read_features():
                 delay = RETRY_FIRST_S
                 continue
             await asyncio.sleep(delay)
@@ -230,17 +231,21 @@ class Daemon:
         failed read, read the device again too (whatever happened in between)."""
         failing = False
         while True:
-            try:
-                features = await query_features(self.qmp, self.device)
-            except QemuCallFailed as err:
-                self.mirror.note_failure("features", err)
-                failing = True
-            else:
-                self._note_features(features)
-                if failing:
-                    failing = False
-                    self._owe_sync(None)
+            answered = await self._read_features()
+            if answered and failing:
+                self._owe_sync(None)
+            failing = not answered
             await asyncio.sleep(FEATURE_POLL_S)
+
+    async def _read_features(self) -> bool:
+        """Read the device's features now; False (and an event) if QEMU did not answer."""
+        try:
+            features = await query_features(self.qmp, self.device)
+        except QemuCallFailed as err:
+            self.mirror.note_failure("features", err)
+            return False
+        self._note_features(features)
+        return True
 
     def _note_features(self, features: VirtioFeatures) -> None:
         before = self.negotiation
