@@ -248,12 +248,17 @@ class Daemon:
         return True
 
     def _note_features(self, features: VirtioFeatures) -> None:
+        """Keep *features*; a driver that finished negotiating is ``VNET_NEGOTIATED``, one
+        that lost it (the device was reset, e.g. the driver unbound) ``VNET_DRIVER_RESET``.
+        """
         before = self.negotiation
         now = self.negotiation = features
         if now.features_ok:
             self.negotiated.set()
         else:
             self.negotiated.clear()
+            if before.features_ok:
+                self.publish("VNET_DRIVER_RESET", now.view())
         if now.features_ok and (not before.features_ok or now.negotiated != before.negotiated):
             view = now.view()
             if set(WANTED_FEATURES) - now.negotiated:

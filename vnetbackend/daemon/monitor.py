@@ -10,9 +10,9 @@
 ``quit``           shut the daemon down cleanly
 =================  ==========================================================
 
-Events: ``VNET_NEGOTIATED``, ``VNET_RSS_CHANGED``, ``VNET_STEERING_ATTACHED``,
-``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``, ``VNET_SYNC_FAILED``,
-``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
+Events: ``VNET_NEGOTIATED``, ``VNET_DRIVER_RESET``, ``VNET_RSS_CHANGED``,
+``VNET_STEERING_ATTACHED``, ``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``,
+``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
