@@ -12,7 +12,12 @@
  *
  * The hash is table-driven: for each byte position i of the hash input the loader stores
  * toeplitz[i][v], the hash of byte value v at position i, so the hash of an input is the
- * XOR of one table entry per byte.
+ * XOR of one table entry per byte. Built with TOEPLITZ_BITWISE defined, the program hashes
+ * bit by bit from the key instead (the benchmark's yardstick).
+ *
+ * Cost: every kernel function call is dear (each helper call is most of the cost of a
+ * frame), so the frame is read through a window of WINDOW bytes: one read serves every
+ * header of a common frame, and a frame is read again only where its headers go past it.
  *
  * The map value and report structures are mirrored once in vnetbackend/steering/layout.py,
  * which also hands over the Python side's limits and numbers; both are checked at compile
@@ -28,13 +33,21 @@
 #define MAX_TABLE_LENGTH 128
 #define MAX_HASH_INPUT 36
 #define MAX_VLAN_TAGS 2
-#define MAX_EXT_HEADERS 8
-#define MAX_DSTOPT_OPTIONS 8
 #define SLOT_COUNT 2
 
 #ifndef REPORT_RING_PAGES
 #define REPORT_RING_PAGES 64
 #endif
+
+/* Bytes read from the frame at once (one helper call copies up to this many at the cost of
+ * a few), the window's index mask, and the most bytes asked of it at once (an IPv6 header). */
+#define WINDOW 112
+#define WINDOW_MASK 127
+#define MAX_ASK 40
+
+/* BPF_PROG_TEST_RUN runs a socket filter on the loopback device (ifindex 1) with the
+ * Ethernet header pulled; tun runs it on the tap, skb->data at the Ethernet header. */
+#define LOOPBACK_IFINDEX 1
 
 /*
  * One complete RSS configuration. The program reads the slot that `active_slot` names;
@@ -49,7 +62,7 @@ struct rss_slot {
 	u32 unclassified_queue;
 	u32 queues;             /* receive queues in use (kept for reading the config back) */
 	u32 key_length;
-	u8 key[MAX_KEY_SIZE];   /* the key the tables were built from (read back only) */
+	u8 key[MAX_KEY_SIZE];   /* the key the tables were built from, zero past key_length */
 	u16 indirection[MAX_TABLE_LENGTH];
 	u32 toeplitz[MAX_HASH_INPUT][256];
 };
@@ -69,7 +82,11 @@ struct steering_counters {
 #define REPORT_FLAG_EXT_HEADERS 1
 #define REPORT_FLAG_FRAGMENT 2
 
-/* One record in the report ring buffer. Ports are host order; addresses network order. */
+/*
+ * One record in the report ring buffer. Ports are host order; addresses network order.
+ * Only the address bytes the IP version uses are written (none for frames that are not IP);
+ * the rest of `src` and `dst` is left as the ring had it.
+ */
 struct steering_report {
 	u32 hash;
 	u16 queue;
@@ -142,8 +159,6 @@ SAME_VALUE(MAX_KEY_SIZE);
 SAME_VALUE(MAX_TABLE_LENGTH);
 SAME_VALUE(MAX_HASH_INPUT);
 SAME_VALUE(MAX_VLAN_TAGS);
-SAME_VALUE(MAX_EXT_HEADERS);
-SAME_VALUE(MAX_DSTOPT_OPTIONS);
 SAME_VALUE(SLOT_COUNT);
 SAME_VALUE(REPORT_FLAG_EXT_HEADERS);
 SAME_VALUE(REPORT_FLAG_FRAGMENT);
@@ -183,11 +198,9 @@ SAME_VALUE(VIRTIO_NET_HASH_REPORT_UDPv6_EX);
 /* The indirection lookup masks its index with MAX_TABLE_LENGTH - 1. */
 _Static_assert((MAX_TABLE_LENGTH & (MAX_TABLE_LENGTH - 1)) == 0,
 	       "MAX_TABLE_LENGTH must be a power of two");
-
-BPF_ARRAY(rss_slots, struct rss_slot, SLOT_COUNT);
-BPF_ARRAY(control, struct steering_control, 1);
-BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
-BPF_RINGBUF_OUTPUT(reports, REPORT_RING_PAGES);
+/* A read of up to MAX_ASK bytes fits in the window, and its masked index inside it. */
+_Static_assert(MAX_ASK <= WINDOW && WINDOW <= WINDOW_MASK + 1 &&
+	       (WINDOW_MASK & (WINDOW_MASK + 1)) == 0, "window sizes");
 
 /* What a frame offers to the hash (ParsedFrame in the reference model). */
 struct parsed {
@@ -206,20 +219,107 @@ struct parsed {
 	u8 routed[16];          /* ex_dst when has_routed */
 };
 
-/* Only the fields before the addresses are zeroed per frame; addresses are read only
- * once ip_version, has_home or has_routed says they were written. */
-#define PARSED_ZEROED __builtin_offsetof(struct parsed, src)
+/* Where the IPv6 extension chain walk is: the next header, and the destination options
+ * still to look through for the home address option (none when opt >= opt_end). */
+struct walk {
+	u32 pos;                /* frame offset of header `nh` */
+	u32 opt;
+	u32 opt_end;
+	u8 nh;
+};
 
 /*
- * Reading the frame. A tun steering program sees the skb from the Ethernet header on;
- * BPF_PROG_TEST_RUN hands a socket filter the skb with the Ethernet header already
- * pulled (data at L3, the MAC header 14 bytes before it). `base` is the frame offset of
- * skb->data (0 or 14); bytes past the Ethernet header are read relative to skb->data,
- * which also reaches paged data, and the Ethernet header relative to the MAC header.
+ * Per-CPU working memory for one frame: the frame as read so far and what it holds. tun
+ * steers with bottom halves off, so no other frame on the CPU runs the program meanwhile.
  */
-static __always_inline int read_at(struct __sk_buff *skb, u32 base, u32 off, void *to, u32 len)
+struct scratch {
+	struct parsed p;
+	struct walk w;
+	u32 base;               /* frame offset of skb->data: ETH_HLEN in a test run, else 0 */
+	u32 win_start;          /* frame offset of win[0] */
+	u32 win_len;            /* bytes in win */
+	u8 win[WINDOW_MASK + 1 + MAX_ASK];
+};
+
+BPF_ARRAY(rss_slots, struct rss_slot, SLOT_COUNT);
+BPF_ARRAY(control, struct steering_control, 1);
+BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
+BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
+BPF_RINGBUF_OUTPUT(reports, REPORT_RING_PAGES);
+
+/* Make the compiler forget what it knows of `x`, so that a bound checked after this is
+ * the bound the verifier sees. */
+#define FORGET(x) asm volatile("" : "+r"(x))
+
+/*
+ * Copy `len` (1..WINDOW) bytes from frame offset `off`. Past the Ethernet header on a tap,
+ * relative to skb->data, which also reaches paged data; in a test run, where the Ethernet
+ * header is pulled, relative to the MAC header (a test run's skb is linear).
+ */
+static __always_inline int read_frame(struct __sk_buff *skb, const struct scratch *sc, u32 off,
+				      u8 *to, u64 len)
 {
-	return bpf_skb_load_bytes(skb, off - base, to, len);
+	if (sc->base)
+		return bpf_skb_load_bytes_relative(skb, off, to, len, BPF_HDR_START_MAC);
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
+/*
+ * The frame's bytes [off, off + len) (len <= MAX_ASK), which the caller has checked are
+ * inside the frame, or NULL if they cannot be read. Unless they are in the window already,
+ * the window is read again from `off`: WINDOW bytes, or up to the frame's end.
+ */
+static __always_inline const u8 *frame_bytes(struct __sk_buff *skb, struct scratch *sc, u32 off,
+					     u32 len)
+{
+	u64 n;
+
+	if (off < sc->win_start || off - sc->win_start + len > sc->win_len) {
+		n = sc->p.frame_len - off;
+		if (n > WINDOW)
+			n = WINDOW;
+		FORGET(n);
+		n &= WINDOW_MASK;
+		if (n == 0 || read_frame(skb, sc, off, sc->win, n) < 0)
+			return NULL;
+		sc->win_start = off;
+		sc->win_len = n;
+	}
+	return &sc->win[(off - sc->win_start) & WINDOW_MASK];
+}
+
+/*
+ * The verifier's may_goto (Linux 6.9): false until the kernel's budget of loop iterations is
+ * spent. A loop that tests it is verified until its state repeats, not once per iteration,
+ * so the extension chain walk needs no bound of its own: every step consumes at least a
+ * byte, and the walk ends with the frame. clang 14 has no mnemonic for it: the three
+ * instructions are `may_goto +1; goto +1; spent = 1`.
+ */
+static __always_inline int loop_budget_spent(void)
+{
+	u64 spent = 0;
+
+	asm volatile(".byte 0xe5, 0, 1, 0, 0, 0, 0, 0\n\t"
+		     ".byte 0x05, 0, 1, 0, 0, 0, 0, 0\n\t"
+		     "%[spent] = 1"
+		     : [spent] "+r"(spent));
+	return spent;
+}
+
+/*
+ * Copies of addresses and ports, in words: clang copies a byte array byte by byte. The
+ * words may be unaligned in the window; the verifier allows that in map values and the
+ * ring buffer on a host with efficient unaligned access (x86).
+ */
+static __always_inline void copy4(u8 *to, const u8 *from)
+{
+	*(u32 *)to = *(const u32 *)from;
+}
+
+static __always_inline void copy16(u8 *to, const u8 *from)
+{
+	((u64 *)to)[0] = ((const u64 *)from)[0];
+	((u64 *)to)[1] = ((const u64 *)from)[1];
 }
 
 static __always_inline int is_ext_header(u8 nh)
@@ -228,13 +328,12 @@ static __always_inline int is_ext_header(u8 nh)
 	       nh == IPPROTO_AH || nh == IPPROTO_DSTOPTS;
 }
 
-/*
- * The transport header at `off`, if it is TCP or UDP and whole in the frame. `ports` are
- * its first four bytes when the caller has read them already, else NULL.
- */
-static __always_inline void parse_transport(struct __sk_buff *skb, u32 base, struct parsed *p,
-					    u8 proto, u32 off, const u8 *ports)
+/* The transport header at `off`, if it is TCP or UDP and whole in the frame. */
+static __always_inline void parse_transport(struct __sk_buff *skb, struct scratch *sc, u8 proto,
+					    u32 off)
 {
+	struct parsed *p = &sc->p;
+	const u8 *ports;
 	u32 need;
 
 	if (proto == IPPROTO_TCP)
@@ -243,144 +342,182 @@ static __always_inline void parse_transport(struct __sk_buff *skb, u32 base, str
 		need = 8;
 	else
 		return;
-	if (p->frame_len < off + need)
+	if (p->frame_len < off + need || !(ports = frame_bytes(skb, sc, off, 4)))
 		return;
-	if (ports)
-		__builtin_memcpy(p->ports, ports, 4);
-	else if (read_at(skb, base, off, p->ports, 4) < 0)
-		return;
+	copy4(p->ports, ports);
 	p->l4_proto = proto;
 }
 
-/*
- * An IPv4 header of `ihl` bytes at frame offset `off`, its first 20 bytes already read
- * into `h`; then the transport (`ports` as for parse_transport).
- */
-static __always_inline void parse_ipv4_header(struct __sk_buff *skb, u32 base, struct parsed *p,
-					      const u8 *h, u32 off, u32 ihl, const u8 *ports)
+static __always_inline void parse_ipv4(struct __sk_buff *skb, struct scratch *sc, u32 off)
 {
-	p->ip_version = 4;
-	p->l3_offset = off;
-	__builtin_memcpy(p->src, &h[12], 4);
-	__builtin_memcpy(p->dst, &h[16], 4);
-	if (((h[6] << 8) | h[7]) & 0x3FFF) {
-		p->fragment = 1;
-		return;
-	}
-	parse_transport(skb, base, p, h[9], off + ihl, ports);
-}
-
-static __always_inline void parse_ipv4(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
-{
-	u8 h[20];
+	struct parsed *p = &sc->p;
+	const u8 *h;
 	u32 ihl;
+	u8 proto;
 
-	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 4)
+	if (p->frame_len < off + 20 || !(h = frame_bytes(skb, sc, off, 20)) || (h[0] >> 4) != 4)
 		return;
 	ihl = (h[0] & 0x0F) * 4;
 	if (ihl < 20 || p->frame_len < off + ihl)
 		return;
-	parse_ipv4_header(skb, base, p, h, off, ihl, NULL);
+	p->ip_version = 4;
+	p->l3_offset = off;
+	copy4(p->src, &h[12]);
+	copy4(p->dst, &h[16]);
+	if (((h[6] << 8) | h[7]) & 0x3FFF) {
+		p->fragment = 1;
+		return;
+	}
+	proto = h[9];
+	parse_transport(skb, sc, proto, off + ihl);
 }
 
-/* The home address option among the first options of a destination options header. */
-static __always_inline int find_home_address(struct __sk_buff *skb, u32 base, u32 pos, u32 end,
-					     u8 *home)
+/* One destination option at w->opt: its length, or the home address option itself. */
+static __always_inline void scan_option(struct __sk_buff *skb, struct scratch *sc)
 {
-	u8 opt[2];
+	struct walk *w = &sc->w;
+	u32 opt = w->opt;
+	const u8 *o = frame_bytes(skb, sc, opt, 1);
+	u8 type, length;
 
-	for (int i = 0; i < MAX_DSTOPT_OPTIONS; i++) {
-		if (pos >= end)
-			return 0;
-		if (pos + 2 > end) {
-			/* Room for a Pad1 only. */
-			if (read_at(skb, base, pos, opt, 1) < 0 || opt[0] != IPV6_TLV_PAD1)
-				return 0;
-			pos += 1;
-			continue;
-		}
-		if (read_at(skb, base, pos, opt, 2) < 0)
-			return 0;
-		if (opt[0] == IPV6_TLV_PAD1) {
-			pos += 1;
-			continue;
-		}
-		if (opt[0] == IPV6_TLV_HAO && opt[1] == 16 && pos + 18 <= end)
-			return read_at(skb, base, pos + 2, home, 16) == 0;
-		pos += 2 + opt[1];
+	if (o && o[0] == IPV6_TLV_PAD1) {
+		w->opt = opt + 1;
+		return;
 	}
+	if (!o || opt + 2 > w->opt_end || !(o = frame_bytes(skb, sc, opt, 2))) {
+		w->opt_end = 0;
+		return;
+	}
+	type = o[0];
+	length = o[1];
+	if (type == IPV6_TLV_HAO && length == 16 && opt + 18 <= w->opt_end) {
+		if ((o = frame_bytes(skb, sc, opt + 2, 16))) {
+			copy16(sc->p.home, o);
+			sc->p.has_home = 1;
+		}
+		w->opt_end = 0;
+		return;
+	}
+	w->opt = opt + 2 + length;
+}
+
+/* One step of the extension chain walk; 1 when the walk is over. */
+static __always_inline int walk_step(struct __sk_buff *skb, struct scratch *sc)
+{
+	struct parsed *p = &sc->p;
+	struct walk *w = &sc->w;
+	u32 pos = w->pos, length;
+	u8 nh = w->nh, next, routing2;
+	const u8 *e;
+
+	if (w->opt < w->opt_end) {
+		scan_option(skb, sc);
+		return 0;
+	}
+	if (!is_ext_header(nh)) {
+		if (!p->fragment)
+			parse_transport(skb, sc, nh, pos);
+		return 1;
+	}
+	p->has_ext = 1;
+	if (p->frame_len < pos + 8 || !(e = frame_bytes(skb, sc, pos, 8)))
+		return 1;
+	next = e[0];
+	if (nh == IPPROTO_FRAGMENT) {
+		length = 8;
+		if (((e[2] << 8) | e[3]) & 0xFFF9)
+			p->fragment = 1;
+	} else if (nh == IPPROTO_AH) {
+		length = (e[1] + 2) * 4;
+	} else {
+		length = (e[1] + 1) * 8;
+	}
+	routing2 = nh == IPPROTO_ROUTING && e[2] == 2 && e[1] == 2;
+	if (p->frame_len < pos + length)
+		return 1;
+	if (routing2 && !p->has_routed) {
+		if ((e = frame_bytes(skb, sc, pos + 8, 16))) {
+			copy16(p->routed, e);
+			p->has_routed = 1;
+		}
+	} else if (nh == IPPROTO_DSTOPTS && !p->has_home) {
+		w->opt = pos + 2;
+		w->opt_end = pos + length;
+	}
+	w->nh = next;
+	w->pos = pos + length;
 	return 0;
 }
 
-/* The IPv6 extension header chain at `pos` (`nh` names the first), then the transport. */
-static __always_inline void parse_ipv6_chain(struct __sk_buff *skb, u32 base, struct parsed *p,
-					     u8 nh, u32 pos)
+static __always_inline void parse_ipv6(struct __sk_buff *skb, struct scratch *sc, u32 off)
 {
-	u8 e[8];
-	u32 length;
-	int chain_ok = 0;
+	struct parsed *p = &sc->p;
+	const u8 *h;
 
-	for (int i = 0; i < MAX_EXT_HEADERS; i++) {
-		if (!is_ext_header(nh)) {
-			chain_ok = 1;
-			break;
-		}
-		p->has_ext = 1;
-		if (read_at(skb, base, pos, e, sizeof(e)) < 0)
-			return;
-		if (nh == IPPROTO_FRAGMENT) {
-			length = 8;
-			if (((e[2] << 8) | e[3]) & 0xFFF9)
-				p->fragment = 1;
-		} else if (nh == IPPROTO_AH) {
-			length = (e[1] + 2) * 4;
-		} else {
-			length = (e[1] + 1) * 8;
-		}
-		if (p->frame_len < pos + length)
-			return;
-		if (nh == IPPROTO_ROUTING) {
-			if (!p->has_routed && e[2] == 2 && e[1] == 2)
-				p->has_routed = read_at(skb, base, pos + 8, p->routed, 16) == 0;
-		} else if (nh == IPPROTO_DSTOPTS && !p->has_home) {
-			p->has_home = find_home_address(skb, base, pos + 2, pos + length, p->home);
-		}
-		nh = e[0];
-		pos += length;
-	}
-	if (!chain_ok && is_ext_header(nh))
+	if (p->frame_len < off + 40 || !(h = frame_bytes(skb, sc, off, 40)) || (h[0] >> 4) != 6)
 		return;
-	if (!p->fragment)
-		parse_transport(skb, base, p, nh, pos, NULL);
+	p->ip_version = 6;
+	p->l3_offset = off;
+	copy16(p->src, &h[8]);
+	copy16(p->dst, &h[24]);
+	sc->w.nh = h[6];
+	sc->w.pos = off + 40;
+	sc->w.opt_end = 0;
+	for (;;) {
+		/* Each step starts from the walk's state in memory, not from what the compiler
+		 * kept of the last step, so the verifier sees every step alike. */
+		asm volatile("" ::: "memory");
+		if (loop_budget_spent() || walk_step(skb, sc))
+			break;
+	}
 }
 
 /*
- * An IPv6 header at frame offset `off`, already read into `h`; then its extension chain
- * and the transport (`ports` as for parse_transport, used when no extension header
- * follows).
+ * Up to two VLAN tags, then IPv4 or IPv6. `oob_tags` (0 or 1) is a tag the skb carries out
+ * of band; it counts against the two.
  */
-static __always_inline void parse_ipv6_header(struct __sk_buff *skb, u32 base, struct parsed *p,
-					      const u8 *h, u32 off, const u8 *ports)
+static __always_inline void parse_frame(struct __sk_buff *skb, struct scratch *sc, u32 oob_tags)
 {
-	p->ip_version = 6;
-	p->l3_offset = off;
-	__builtin_memcpy(p->src, &h[8], 16);
-	__builtin_memcpy(p->dst, &h[24], 16);
-	if (is_ext_header(h[6]))
-		parse_ipv6_chain(skb, base, p, h[6], off + 40);
-	else
-		parse_transport(skb, base, p, h[6], off + 40, ports);
-}
+	u32 off = ETH_HLEN;
+	const u8 *b;
+	u16 ethertype;
 
-static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct parsed *p, u32 off)
-{
-	u8 h[40];
-
-	if (read_at(skb, base, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 6)
+	if (sc->p.frame_len < ETH_HLEN || !(b = frame_bytes(skb, sc, ETH_HLEN - 2, 2)))
 		return;
-	parse_ipv6_header(skb, base, p, h, off, NULL);
+	ethertype = (b[0] << 8) | b[1];
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+		if (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
+			break;
+		if (i + oob_tags >= MAX_VLAN_TAGS || sc->p.frame_len < off + 4 ||
+		    !(b = frame_bytes(skb, sc, off + 2, 2)))
+			return;
+		ethertype = (b[0] << 8) | b[1];
+		off += 4;
+	}
+	if (ethertype == ETH_P_IP)
+		parse_ipv4(skb, sc, off);
+	else if (ethertype == ETH_P_IPV6)
+		parse_ipv6(skb, sc, off);
 }
 
+#ifdef TOEPLITZ_BITWISE
+/* QEMU's algorithm: for every set bit of the input, XOR in the key's 32-bit window that
+ * starts at that bit; the window slides one key bit per input bit. */
+#define HASH_BYTES(slot, data, pos, n)                                        \
+	({                                                                    \
+		const u8 *k_ = &(slot)->key[(pos)];                           \
+		u32 h_ = 0;                                                   \
+		u32 w_ = (k_[0] << 24) | (k_[1] << 16) | (k_[2] << 8) | k_[3];\
+		for (int i_ = 0; i_ < (n); i_++)                              \
+			for (int b_ = 7; b_ >= 0; b_--) {                     \
+				if (((data)[i_] >> b_) & 1)                   \
+					h_ ^= w_;                             \
+				w_ = (w_ << 1) | ((k_[i_ + 4] >> b_) & 1);    \
+			}                                                     \
+		h_;                                                           \
+	})
+#else
 /* XOR of one table entry per input byte: the Toeplitz hash of data at input position pos. */
 #define HASH_BYTES(slot, data, pos, n)                                        \
 	({                                                                    \
@@ -389,6 +526,7 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, u32 base, struct p
 			h_ ^= (slot)->toeplitz[(pos) + i_][(data)[i_]];       \
 		h_;                                                           \
 	})
+#endif
 
 struct selection {
 	u32 hash;
@@ -472,9 +610,7 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 	r->l4_proto = p->l4_proto;
 	r->flags = (p->has_ext ? REPORT_FLAG_EXT_HEADERS : 0) |
 		   (p->fragment ? REPORT_FLAG_FRAGMENT : 0);
-	r->l3_offset = p->ip_version ? p->l3_offset : 0;
 	r->frame_len = p->frame_len;
-	r->l3_len = p->ip_version ? p->frame_len - p->l3_offset : 0;
 	if (p->l4_proto) {
 		r->src_port = (p->ports[0] << 8) | p->ports[1];
 		r->dst_port = (p->ports[2] << 8) | p->ports[3];
@@ -482,93 +618,22 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 		r->src_port = 0;
 		r->dst_port = 0;
 	}
-	__builtin_memset(r->src, 0, 16);
-	__builtin_memset(r->dst, 0, 16);
 	if (p->ip_version == 4) {
-		__builtin_memcpy(r->src, p->src, 4);
-		__builtin_memcpy(r->dst, p->dst, 4);
+		copy4(r->src, p->src);
+		copy4(r->dst, p->dst);
 	} else if (p->ip_version == 6) {
-		__builtin_memcpy(r->src, p->src, 16);
-		__builtin_memcpy(r->dst, p->dst, 16);
+		copy16(r->src, p->src);
+		copy16(r->dst, p->dst);
+	}
+	if (p->ip_version) {
+		r->l3_offset = p->l3_offset;
+		r->l3_len = p->frame_len - p->l3_offset;
+	} else {
+		r->l3_offset = 0;
+		r->l3_len = 0;
 	}
 	reports.ringbuf_submit(r, 0);
 	cnt->reports++;
-}
-
-/*
- * Up to two VLAN tags, then IPv4 or IPv6: the general parser, any frame. `oob_tags` (0 or
- * 1) is a tag the skb carries out of band; it counts against the two.
- */
-static __always_inline void parse_frame(struct __sk_buff *skb, u32 base, u32 oob_tags,
-					struct parsed *p)
-{
-	u32 off = ETH_HLEN;
-	u16 ethertype;
-	u8 l2[2];
-
-	if (bpf_skb_load_bytes_relative(skb, 12, l2, 2, BPF_HDR_START_MAC) < 0)
-		return;
-	ethertype = (l2[0] << 8) | l2[1];
-#pragma unroll
-	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
-		u8 tag[4];
-
-		if (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
-			break;
-		if (i + oob_tags >= MAX_VLAN_TAGS)
-			return;
-		if (read_at(skb, base, off, tag, 4) < 0)
-			return;
-		ethertype = (tag[2] << 8) | tag[3];
-		off += 4;
-	}
-	if (ethertype == ETH_P_IP)
-		parse_ipv4(skb, base, p, off);
-	else if (ethertype == ETH_P_IPV6)
-		parse_ipv6(skb, base, p, off);
-}
-
-/*
- * The common frames in one read: untagged IPv4 without options and untagged IPv6, with
- * whatever transport. The bytes from the ethertype to the end of the ports (or of the
- * frame, if shorter) are read relative to the MAC header in one call; an IPv6 extension
- * chain is walked from there. Returns 0 (having changed nothing) for every other frame,
- * for short ones, or when those bytes are not linear in the skb; parse_frame then reads
- * the frame piece by piece, to the same result.
- */
-#define WINDOW_V4 (2 + 20 + 4)
-#define WINDOW_V6 (2 + 40 + 4)
-
-static __always_inline int parse_common(struct __sk_buff *skb, u32 base, struct parsed *p)
-{
-	u8 w[WINDOW_V6];
-	u16 ethertype;
-	int full;
-
-	if (p->frame_len >= 12 + WINDOW_V6) {
-		if (bpf_skb_load_bytes_relative(skb, 12, w, WINDOW_V6, BPF_HDR_START_MAC) < 0)
-			return 0;
-		full = 1;
-	} else if (p->frame_len >= 12 + WINDOW_V4) {
-		if (bpf_skb_load_bytes_relative(skb, 12, w, WINDOW_V4, BPF_HDR_START_MAC) < 0)
-			return 0;
-		full = 0;
-	} else {
-		return 0;
-	}
-	ethertype = (w[0] << 8) | w[1];
-	if (ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 && ethertype != ETH_P_8021Q &&
-	    ethertype != ETH_P_8021AD)
-		return 1; /* not IP: nothing to hash */
-	if (ethertype == ETH_P_IP && w[2] == 0x45) {
-		parse_ipv4_header(skb, base, p, &w[2], ETH_HLEN, 20, &w[2 + 20]);
-		return 1;
-	}
-	if (full && ethertype == ETH_P_IPV6 && (w[2] >> 4) == 6) {
-		parse_ipv6_header(skb, base, p, &w[2], ETH_HLEN, &w[2 + 40]);
-		return 1;
-	}
-	return 0;
 }
 
 int steer(struct __sk_buff *skb)
@@ -576,45 +641,48 @@ int steer(struct __sk_buff *skb)
 	u32 zero = 0;
 	struct steering_control *ctl = control.lookup(&zero);
 	struct steering_counters *cnt = counters.lookup(&zero);
+	struct scratch *sc = scratch.lookup(&zero);
+	struct parsed *p;
 	struct rss_slot *s;
-	struct parsed p;
 	struct selection sel = {};
-	u32 slot, base, oob_tags, types, queue;
-	u8 probe;
+	u32 slot, oob_tags, types, queue;
 
-	if (!ctl || !cnt)
+	if (!ctl || !cnt || !sc)
 		return 0;
 	cnt->frames++;
-	slot = ctl->active_slot % SLOT_COUNT;
-	s = rss_slots.lookup(&slot);
-	if (!s)
-		return 0;
 
-	__builtin_memset(&p, 0, PARSED_ZEROED);
-	/* Is there a byte skb->len bytes past the MAC header? Only if data is past it
-	 * (a test run); on a tap, data starts at the MAC header. */
-	base = bpf_skb_load_bytes_relative(skb, skb->len, &probe, 1, BPF_HDR_START_MAC) == 0
-		       ? ETH_HLEN : 0;
-	p.frame_len = skb->len + base;
+	p = &sc->p;
+	sc->base = skb->ifindex == LOOPBACK_IFINDEX ? ETH_HLEN : 0;
+	sc->win_start = 0;
+	sc->win_len = 0;
+	p->frame_len = skb->len + sc->base;
+	p->ip_version = 0;
+	p->l4_proto = 0;
+	p->has_ext = 0;
+	p->fragment = 0;
+	p->has_home = 0;
+	p->has_routed = 0;
 	/*
 	 * A VLAN tag the stack keeps out of band (tx-vlan-offload of the tap) is not in the
 	 * data; tun writes it into the frame after the MAC addresses. Parse the data, then
 	 * give lengths and offsets as in the frame the guest gets.
 	 */
 	oob_tags = skb->vlan_present ? 1 : 0;
-	if (!parse_common(skb, base, &p))
-		parse_frame(skb, base, oob_tags, &p);
+	parse_frame(skb, sc, oob_tags);
 	if (oob_tags) {
-		p.frame_len += 4;
-		if (p.ip_version)
-			p.l3_offset += 4;
+		p->frame_len += 4;
+		p->l3_offset += 4;
 	}
 
+	slot = ctl->active_slot % SLOT_COUNT;
+	s = rss_slots.lookup(&slot);
+	if (!s)
+		return 0;
 	types = s->enabled ? s->hash_types : 0;
-	if (p.ip_version == 4)
-		select_ipv4(s, &p, types, &sel);
-	else if (p.ip_version == 6)
-		select_ipv6(s, &p, types, &sel);
+	if (p->ip_version == 4)
+		select_ipv4(s, p, types, &sel);
+	else if (p->ip_version == 6)
+		select_ipv6(s, p, types, &sel);
 
 	if (!s->enabled)
 		queue = 0;
@@ -627,7 +695,7 @@ int steer(struct __sk_buff *skb)
 		/* A countdown left from a sparser sampling does not delay a denser one. */
 		if (cnt->until_report == 0 || cnt->until_report >= ctl->report_every) {
 			cnt->until_report = ctl->report_every - 1;
-			write_report(&p, &sel, queue, cnt);
+			write_report(p, &sel, queue, cnt);
 		} else {
 			cnt->until_report--;
 		}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from vnetbackend.rss import HashReport, HashType, parse_frame, select_hash_input
-from vnetbackend.rss.frame import MAX_EXT_HEADERS
 from vnetbackend.testbed import frames as f
 
 ALL = 0x1FF
@@ -175,10 +174,11 @@ def test_home_address_option_behind_pad1_and_padn() -> None:
     assert choose(frame, HashType.IP_EX) == (HashReport.IPV6_EX, ip6(HOME) + ip6(V6D))
 
 
-def test_home_address_option_beyond_the_option_limit_is_ignored() -> None:
-    option = bytes([1, 0]) * 8 + bytes([0xC9, 16]) + ip6(HOME)
+@pytest.mark.parametrize("padding", [bytes([1, 0]) * 8, b"\0" * 200, bytes([1, 253]) + bytes(253)])
+def test_home_address_option_after_any_number_of_options(padding: bytes) -> None:
+    option = padding + bytes([0xC9, 16]) + ip6(HOME)
     frame = f.frame(f.ipv6(V6S, V6D, f.udp(1234, 80), ext=[f.dest_options(option)]))
-    assert choose(frame, HashType.IP_EX) == (HashReport.IPV6_EX, ip6(V6S) + ip6(V6D))
+    assert choose(frame, HashType.IP_EX) == (HashReport.IPV6_EX, ip6(HOME) + ip6(V6D))
 
 
 @pytest.mark.parametrize(("offset", "more"), [(0, True), (5, False)])
@@ -190,11 +190,10 @@ def test_ipv6_fragments_hash_addresses_only(offset: int, more: bool) -> None:
         HashReport.IPV6, ip6(V6S) + ip6(V6D))
 
 
-def test_extension_chain_limit() -> None:
-    at_limit = f.frame(f.ipv6(V6S, V6D, f.tcp(1, 2), ext=[f.dest_options()] * MAX_EXT_HEADERS))
-    past = f.frame(f.ipv6(V6S, V6D, f.tcp(1, 2), ext=[f.dest_options()] * (MAX_EXT_HEADERS + 1)))
-    assert choose(at_limit)[0] is HashReport.TCPV6_EX
-    assert choose(past)[0] is HashReport.IPV6_EX
+@pytest.mark.parametrize("count", [8, 9, 12, 64, 200])
+def test_extension_chains_of_any_length_reach_the_transport(count: int) -> None:
+    frame = f.frame(f.ipv6(V6S, V6D, f.tcp(1234, 80), ext=[f.dest_options()] * count))
+    assert choose(frame) == (HashReport.TCPV6_EX, ip6(V6S) + ip6(V6D) + PORTS)
 
 
 def test_truncated_extension_header_has_no_transport() -> None:

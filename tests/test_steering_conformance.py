@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.oracle import toeplitz_oracle
 from tests.prereq import need_bcc
 from vnetbackend.rss import HashReport, HashType, RssConfig
 from vnetbackend.rss.vectors import (
@@ -172,11 +173,24 @@ EDGE_CASES: list[tuple[str, bytes, HashReport]] = [
     ("ah_tcp6", _v6(ext=[AH()]), HashReport.TCPV6_EX),
     ("ah_long_udp6", _v6(f.udp(1, 2), [AH(22)]), HashReport.UDPV6_EX),
     ("chain_of_8", _v6(ext=[f.hop_by_hop()] + [f.dest_options()] * 7), HashReport.TCPV6_EX),
-    ("chain_of_9", _v6(ext=[f.hop_by_hop()] + [f.dest_options()] * 8), HashReport.IPV6_EX),
-    ("chain_of_8_home_last", _v6(ext=[f.dest_options()] * 7 + [f.home_address(HOME)]),
+    ("chain_of_9", _v6(ext=[f.hop_by_hop()] + [f.dest_options()] * 8), HashReport.TCPV6_EX),
+    ("chain_of_12", _v6(ext=[f.hop_by_hop()] + [f.dest_options()] * 11), HashReport.TCPV6_EX),
+    ("chain_of_9_home_last", _v6(ext=[f.dest_options()] * 8 + [f.home_address(HOME)]),
      HashReport.TCPV6_EX),
     ("chain_of_9_home_first", _v6(ext=[f.home_address(HOME)] + [f.dest_options()] * 8),
-     HashReport.IPV6_EX),
+     HashReport.TCPV6_EX),
+    # Headers past the first read of the frame (a window of 112 bytes from the ethertype).
+    ("ports_past_first_read", _v6(ext=[f.hop_by_hop(bytes([1, 120]) + bytes(120))]),
+     HashReport.TCPV6_EX),
+    ("home_address_past_first_read", _v6(ext=[_dstopts_raw(_PAD1 * 150 + _HOME_OPT)]),
+     HashReport.TCPV6_EX),
+    ("home_address_after_first_read", _v6(ext=[_dstopts_raw(_PAD1 * 66 + _HOME_OPT)]),
+     HashReport.TCPV6_EX),
+    ("home_option_across_first_read", _v6(ext=[_dstopts_raw(_PAD1 * 67 + _HOME_OPT)]),
+     HashReport.TCPV6_EX),
+    ("routed_address_past_first_read", _v6(ext=[f.hop_by_hop(bytes([1, 60]) + bytes(60)),
+                                                f.routing_type2(ROUTED)]),
+     HashReport.TCPV6_EX),
     ("ext_header_truncated", _v6(ext=[f.hop_by_hop()])[:14 + 40 + 6], HashReport.IPV6_EX),
     ("ext_length_past_end", _v6(ext=[f.hop_by_hop(bytes([1, 60]) + bytes(60))])[:14 + 40 + 30],
      HashReport.IPV6_EX),
@@ -238,6 +252,9 @@ def _assert_conforms(program: SteeringProgram, state: SteeringState,
     for (name, frame), (retval, report) in zip(cases, results, strict=True):
         expected = expected_report(state, frame)
         assert (retval, report) == (expected.queue, expected), (name, frame.hex())
+        if state.config is not None and report.report is not HashReport.NONE:
+            hash_input = state.config.steer(frame).hash_input
+            assert report.hash == toeplitz_oracle(state.config.key, hash_input), name
 
 
 def test_edge_cases_hit_the_branch_they_name() -> None:
@@ -258,6 +275,10 @@ TRUNCATED_BASES = {
     "udp6_ext_chain": _v6(f.udp(4000, 53), [f.hop_by_hop(), f.home_address(HOME),
                                             f.routing_type2(ROUTED), f.fragment(0, False),
                                             AH()]),
+    "tcp6_long_chain": _v6(f.tcp(4000, 443), [f.hop_by_hop(bytes([1, 100]) + bytes(100)),
+                                              _dstopts_raw(_PAD1 * 90 + _HOME_OPT),
+                                              *[f.dest_options()] * 10,
+                                              f.routing_type2(ROUTED), AH()]),
 }
 
 

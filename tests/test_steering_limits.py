@@ -30,8 +30,6 @@ PYTHON_ONLY = {
     "MAX_TABLE_LENGTH": types.MAX_TABLE_LENGTH,
     "MAX_HASH_INPUT": types.MAX_HASH_INPUT,
     "MAX_VLAN_TAGS": frame.MAX_VLAN_TAGS,
-    "MAX_EXT_HEADERS": frame.MAX_EXT_HEADERS,
-    "MAX_DSTOPT_OPTIONS": frame.MAX_DSTOPT_OPTIONS,
     "SLOT_COUNT": layout.SLOT_COUNT,
     "REPORT_FLAG_EXT_HEADERS": layout.REPORT_FLAG_EXT_HEADERS,
     "REPORT_FLAG_FRAGMENT": layout.REPORT_FLAG_FRAGMENT,
@@ -134,10 +132,10 @@ def test_every_shared_value_is_checked(capfd: pytest.CaptureFixture[str]) -> Non
 def test_the_loader_error_names_the_disagreeing_constant(tmp_path: Path) -> None:
     need_bcc()
     source = SOURCE_PATH.read_text()
-    wrong = source.replace(f"#define MAX_EXT_HEADERS {frame.MAX_EXT_HEADERS}\n",
-                           f"#define MAX_EXT_HEADERS {frame.MAX_EXT_HEADERS + 1}\n")
+    wrong = source.replace(f"#define MAX_VLAN_TAGS {frame.MAX_VLAN_TAGS}\n",
+                           f"#define MAX_VLAN_TAGS {frame.MAX_VLAN_TAGS + 1}\n")
     assert wrong != source
     copy = tmp_path / SOURCE_PATH.name
     copy.write_text(wrong)
-    with pytest.raises(SteeringError, match="Python disagrees on MAX_EXT_HEADERS"):
+    with pytest.raises(SteeringError, match="Python disagrees on MAX_VLAN_TAGS"):
         SteeringProgram(source=copy)

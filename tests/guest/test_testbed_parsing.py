@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from vnetbackend.qemu.departures import ATOMIC_FRAGMENT, AUTH_HEADER_LENGTH, LONG_CHAIN
+from vnetbackend.qemu.departures import (
+    ATOMIC_FRAGMENT,
+    AUTH_HEADER_LENGTH,
+    DEPARTURES,
+    find_departure,
+)
 from vnetbackend.qemu.features import (
     HASH_REPORT,
     RSS,
@@ -16,7 +21,7 @@ from vnetbackend.qemu.features import (
     VirtioFeatures,
     feature_names,
 )
-from vnetbackend.rss import HashReport, HashType, RssConfig, toeplitz
+from vnetbackend.rss import HashReport, HashType, RssConfig, parse_frame, toeplitz
 from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.testbed import frames as f
 from vnetbackend.testbed.ethtool import (
@@ -141,12 +146,31 @@ def test_truncated_batch_cuts_inside_the_headers_with_distinct_lengths():
 
 def test_each_departure_recognises_only_its_class():
     owners = {AUTH_HEADER_LENGTH: "ipv6_auth_header_tcp",
-              ATOMIC_FRAGMENT: "ipv6_atomic_fragment_udp",
-              LONG_CHAIN: "ipv6_long_chain_tcp"}
+              ATOMIC_FRAGMENT: "ipv6_atomic_fragment_udp"}
+    assert set(owners) == set(DEPARTURES)
     for probe in make_batch(MAC, per_class=4, seed=3):
         for departure, owner in owners.items():
             assert departure.recognises(probe.frame) == (probe.frame_class == owner), (
                 departure.name, probe.frame_class)
+
+
+def test_long_chains_are_no_departure():
+    """QEMU walks the whole extension chain, as the specification does: the model's
+    answer is QEMU's, ports hashed behind any number of headers."""
+    src, dst = "2001:db8::1", "2001:db8::2"
+    config = RssConfig(hash_types=0x3F, key=MICROSOFT_KEY, indirection_table=range(4),
+                       queues=4)
+    for count in (9, 12, 64):
+        frame = f.frame(f.ipv6(src, dst, f.tcp(1234, 80), ext=[f.dest_options()] * count),
+                        dst=MAC)
+        steering = config.steer(frame)
+        assert find_departure(frame, parse_frame(frame)) is None
+        assert steering.report is HashReport.TCPV6
+        assert steering.hash == toeplitz(MICROSOFT_KEY, f.ip_bytes(src, 6) + f.ip_bytes(dst, 6)
+                                         + bytes.fromhex("04d20050"))
+    for probe in make_batch(MAC, per_class=4, seed=3, classes=["ipv6_long_chain_tcp"]):
+        assert find_departure(probe.frame, parse_frame(probe.frame)) is None
+        assert config.steer(probe.frame).report is HashReport.TCPV6
 
 
 def test_auth_header_departure_hashes_the_bytes_qemu_takes_for_ports():

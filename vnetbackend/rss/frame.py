@@ -13,18 +13,19 @@ Reading of the specification where it leaves room, shared with the eBPF program:
   an IPv6 fragment header with M or offset set) and the whole minimal header
   (TCP 20 bytes, UDP 8 bytes) is inside the frame.
 * IPv6 extension headers are hop-by-hop (0), routing (43), fragment (44),
-  authentication (51) and destination options (60); at most `MAX_EXT_HEADERS` are
-  walked, and a chain that is longer or runs past the frame's end has no transport
-  header. The `_EX` hash types apply only to packets that carry an extension header;
-  a packet without one is hashed by the plain IPv6 rules whatever `_EX` bits are set.
-* The home address option (type 0xC9, 16 bytes) is looked for in destination options
-  headers among their first `MAX_DSTOPT_OPTIONS` options; the type 2 routing header must
-  have length 2 (one address). The first of each found is used.
+  authentication (51) and destination options (60). The specification sets no bound on
+  the chain: it is walked to its end, however many headers it has, and a chain that runs
+  past the frame's end has no transport header. The `_EX` hash types apply only to
+  packets that carry an extension header; a packet without one is hashed by the plain
+  IPv6 rules whatever `_EX` bits are set.
+* The home address option (type 0xC9, 16 bytes) is looked for among all the options of
+  destination options headers; the type 2 routing header must have length 2 (one
+  address). The first of each found is used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vnetbackend.rss.types import HashReport, HashType
 
@@ -33,8 +34,6 @@ ETH_P_IPV4 = 0x0800
 ETH_P_IPV6 = 0x86DD
 VLAN_TPIDS = (0x8100, 0x88A8)
 MAX_VLAN_TAGS = 2
-MAX_EXT_HEADERS = 8
-MAX_DSTOPT_OPTIONS = 8
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -51,8 +50,7 @@ HOME_ADDRESS_OPTION = 0xC9
 _L4_MIN_HEADER = {IPPROTO_TCP: 20, IPPROTO_UDP: 8}
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedFrame:
+class ParsedFrame(NamedTuple):
     """What a frame offers to the hash. ``ip_version`` 0 means not IP (or unreadable).
 
     ``src``/``dst`` are the IP header's addresses; ``ex_src``/``ex_dst`` are the ones the
@@ -79,25 +77,30 @@ class ParsedFrame:
         return self.frame_len - self.l3_offset if self.ip_version else 0
 
 
+def _u16(frame: bytes, pos: int) -> int:
+    """The big-endian 16-bit field at *pos*."""
+    return frame[pos] << 8 | frame[pos + 1]
+
+
 def outer_ethertype(frame: bytes) -> int:
     """The ethertype after the MAC addresses (a VLAN TPID if tagged); 0 if too short."""
     if len(frame) < ETH_HEADER_LEN:
         return 0
-    return int.from_bytes(frame[ETH_HEADER_LEN - 2 : ETH_HEADER_LEN], "big")
+    return _u16(frame, ETH_HEADER_LEN - 2)
 
 
 def _l3_offset(frame: bytes) -> tuple[int, int]:
     """(ethertype, offset of the L3 header) after up to two VLAN tags; (0, 0) if short."""
     if len(frame) < ETH_HEADER_LEN:
         return 0, 0
-    ethertype = outer_ethertype(frame)
+    ethertype = _u16(frame, ETH_HEADER_LEN - 2)
     offset = ETH_HEADER_LEN
     for _ in range(MAX_VLAN_TAGS):
         if ethertype not in VLAN_TPIDS:
             break
         if len(frame) < offset + 4:
             return 0, 0
-        ethertype = int.from_bytes(frame[offset + 2 : offset + 4], "big")
+        ethertype = _u16(frame, offset + 2)
         offset += 4
     return ethertype, offset
 
@@ -116,7 +119,7 @@ def _parse_ipv4(frame: bytes, off: int) -> ParsedFrame:
     ihl = (frame[off] & 0x0F) * 4
     if ihl < 20 or end < off + ihl:
         return ParsedFrame(frame_len=end)
-    fragment = int.from_bytes(frame[off + 6 : off + 8], "big") & 0x3FFF != 0
+    fragment = _u16(frame, off + 6) & 0x3FFF != 0
     src, dst = frame[off + 12 : off + 16], frame[off + 16 : off + 20]
     l4_proto, ports = (0, b"") if fragment else _transport(frame, frame[off + 9], off + ihl)
     return ParsedFrame(4, off, src, dst, src, dst, False, fragment, l4_proto, ports, end)
@@ -125,9 +128,7 @@ def _parse_ipv4(frame: bytes, off: int) -> ParsedFrame:
 def _home_address(frame: bytes, start: int, end: int) -> bytes | None:
     """The home address option inside a destination options header's option area."""
     pos = start
-    for _ in range(MAX_DSTOPT_OPTIONS):
-        if pos >= end:
-            return None
+    while pos < end:
         opt_type = frame[pos]
         if opt_type == 0:  # Pad1
             pos += 1
@@ -151,16 +152,14 @@ def _parse_ipv6(frame: bytes, off: int) -> ParsedFrame:
     home = routed = None
     has_ext = fragment = False
     chain_ok = True
-    for _ in range(MAX_EXT_HEADERS):
-        if next_header not in IPV6_EXT_HEADERS:
-            break
+    while next_header in IPV6_EXT_HEADERS:
         has_ext = True
         if end < pos + 8:
             chain_ok = False
             break
         if next_header == IPPROTO_FRAGMENT:
             length = 8
-            if int.from_bytes(frame[pos + 2 : pos + 4], "big") & 0xFFF9:
+            if _u16(frame, pos + 2) & 0xFFF9:
                 fragment = True
         elif next_header == IPPROTO_AH:
             length = (frame[pos + 1] + 2) * 4
@@ -176,8 +175,6 @@ def _parse_ipv6(frame: bytes, off: int) -> ParsedFrame:
             home = _home_address(frame, pos + 2, pos + length)
         next_header = frame[pos]
         pos += length
-    else:
-        chain_ok = next_header not in IPV6_EXT_HEADERS
     if chain_ok and not fragment:
         l4_proto, ports = _transport(frame, next_header, pos)
     else:
@@ -196,6 +193,25 @@ def parse_frame(frame: bytes) -> ParsedFrame:
     if ethertype == ETH_P_IPV6:
         return _parse_ipv6(frame, off)
     return ParsedFrame(frame_len=len(frame))
+
+
+#: Where a plain IPv4 frame (see `plain_ipv4_flow`) has its addresses and ports.
+_PLAIN_IPV4_FLOW = slice(ETH_HEADER_LEN + 12, ETH_HEADER_LEN + 24)
+
+
+def plain_ipv4_flow(frame: bytes) -> tuple[int, bytes] | None:
+    """The commonest frame's flow, read directly: for untagged IPv4 with a 20-byte header,
+    not a fragment, carrying a whole TCP or UDP header, (``l4_proto``, ``src + dst +
+    ports``) as `parse_frame` would give them; None for every other frame.
+    """
+    if (len(frame) < ETH_HEADER_LEN + 20 or _u16(frame, ETH_HEADER_LEN - 2) != ETH_P_IPV4
+            or frame[ETH_HEADER_LEN] != 0x45 or _u16(frame, ETH_HEADER_LEN + 6) & 0x3FFF):
+        return None
+    proto = frame[ETH_HEADER_LEN + 9]
+    need = _L4_MIN_HEADER.get(proto)
+    if need is None or len(frame) < ETH_HEADER_LEN + 20 + need:
+        return None
+    return proto, frame[_PLAIN_IPV4_FLOW]
 
 
 _V4_RULES = (

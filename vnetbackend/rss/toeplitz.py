@@ -10,6 +10,7 @@ the hash of byte value v at position i. The tables depend only on the key.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 from vnetbackend.rss.types import MAX_HASH_INPUT
@@ -44,11 +45,9 @@ def tables_for(key: bytes) -> ByteTables:
 
 
 def hash_with_tables(tables: Sequence[Sequence[int]], data: bytes) -> int:
-    """Toeplitz hash of *data* using tables from `build_tables`."""
-    result = 0
-    for table, value in zip(tables, data, strict=False):
-        result ^= table[value]
-    return result
+    """Toeplitz hash of *data* using tables from `build_tables`: the XOR of
+    ``tables[i][data[i]]`` over the input bytes."""
+    return functools.reduce(operator.xor, map(operator.getitem, tables, data), 0)
 
 
 def toeplitz(key: bytes, data: bytes) -> int:

@@ -22,8 +22,6 @@ from vnetbackend.rss.frame import (
     IPPROTO_ROUTING,
     IPPROTO_TCP,
     IPPROTO_UDP,
-    MAX_DSTOPT_OPTIONS,
-    MAX_EXT_HEADERS,
     MAX_VLAN_TAGS,
     VLAN_TPIDS,
 )
@@ -80,7 +78,8 @@ class SteeringCounters(ct.Structure):
 
 
 class SteeringReport(ct.Structure):
-    """One ring-buffer record (``struct steering_report``)."""
+    """One ring-buffer record (``struct steering_report``). Only the address bytes the IP
+    version uses are written; the rest of ``src`` and ``dst`` is undefined."""
 
     _fields_ = [
         ("hash", ct.c_uint32),
@@ -123,8 +122,6 @@ SHARED_VALUES: dict[str, int] = {
     "MAX_TABLE_LENGTH": MAX_TABLE_LENGTH,
     "MAX_HASH_INPUT": MAX_HASH_INPUT,
     "MAX_VLAN_TAGS": MAX_VLAN_TAGS,
-    "MAX_EXT_HEADERS": MAX_EXT_HEADERS,
-    "MAX_DSTOPT_OPTIONS": MAX_DSTOPT_OPTIONS,
     "SLOT_COUNT": SLOT_COUNT,
     "REPORT_FLAG_EXT_HEADERS": REPORT_FLAG_EXT_HEADERS,
     "REPORT_FLAG_FRAGMENT": REPORT_FLAG_FRAGMENT,

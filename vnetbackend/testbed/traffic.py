@@ -4,9 +4,9 @@ Every frame of a batch gets a distinct L3 length (its payload is padded to it), 
 guest's record of it is found by (length, ethertype). Frame classes cover what RSS
 distinguishes: IPv4/IPv6 with TCP, UDP or another protocol, IPv4 options, fragments
 (first and later), IPv6 extension headers (hop-by-hop, destination options with the
-home address option, type 2 routing, authentication header, a chain longer than the
-walk's limit, atomic fragments), VLAN tags (802.1Q, 802.1ad, QinQ, three tags) and
-non-IP. Addresses and ports are drawn from a seeded generator so that hashes spread.
+home address option, type 2 routing, authentication header, a long chain, atomic
+fragments), VLAN tags (802.1Q, 802.1ad, QinQ, three tags) and non-IP. Addresses and
+ports are drawn from a seeded generator so that hashes spread.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def _ipv6_auth_header_tcp(rng: random.Random, payload: bytes, mac: bytes) -> byt
 
 
 def _ipv6_long_chain_tcp(rng: random.Random, payload: bytes, mac: bytes) -> bytes:
-    """Nine destination options headers: one more than the walk's limit (MAX_EXT_HEADERS)."""
+    """Nine destination options headers before TCP: the specification walks any chain to
+    its end."""
     return f.frame(f.ipv6(*_v6(rng), f.tcp(_port(rng), _port(rng), payload),
                           ext=[f.dest_options() for _ in range(9)]), dst=mac)
 
