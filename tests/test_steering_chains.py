@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.oracle import toeplitz_oracle
 from tests.prereq import need_bcc
@@ -187,6 +189,20 @@ def program() -> Iterator[SteeringProgram]:
     need_bcc()
     with SteeringProgram() as loaded:
         yield loaded
+
+
+@settings(max_examples=400, deadline=None)
+@given(rng=st.randoms(use_true_random=False), count=st.integers(0, 12), udp=st.booleans(),
+       types=st.integers(0, 0x1FF))
+def test_any_chain_is_hashed_by_the_specification(rng: random.Random, count: int, udp: bool,
+                                                  types: int) -> None:
+    """Chains drawn by hypothesis, every hash-type set: the _EX address choices and the
+    hash input follow from how the frame was built, the hash from the oracle."""
+    case = _random_chain(rng, count, udp)
+    report, data = case.expected(HashType(types))
+    steering = _config(HashType(types)).steer(case.frame)
+    assert (steering.report, steering.hash_input) == (report, data), case.frame.hex()
+    assert steering.hash == (toeplitz_oracle(MICROSOFT_KEY, data) if data else 0)
 
 
 def test_the_cases_cover_what_they_name() -> None:
