@@ -46,10 +46,14 @@ async def call(qmp: QMPClient, command: str, arguments: Mapping[str, object] | N
     """Execute *command*; its reply, or `QemuCallFailed` (`QemuNotAnswering` on time-out).
 
     A reply that arrives after the time-out is dropped by the client (its id is no longer
-    awaited), so a late answer cannot be taken for the next command's.
+    awaited), so a late answer cannot be taken for the next command's. The time-out is an
+    `asyncio.timeout` scope, not `asyncio.wait_for`: on Python 3.11 the latter can swallow
+    a cancellation of the caller that coincides with the reply, leaving a task that was
+    told to stop running on.
     """
     try:
-        return await asyncio.wait_for(qmp.execute(command, arguments), timeout)
+        async with asyncio.timeout(timeout):
+            return await qmp.execute(command, arguments)
     except TimeoutError:
         raise QemuNotAnswering(command, f"no answer within {timeout:g} s") from None
     except (QMPError, OSError, EOFError) as err:
