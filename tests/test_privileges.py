@@ -18,6 +18,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.prereq import need, need_program, need_root
+from tests.qemu_client import connected
 from vnetbackend.daemon.privileges import (
     CAP_KILL,
     CAP_NET_ADMIN,
@@ -102,14 +103,8 @@ async def confined_qemu(tmp_path: Path, *extra: str,
     finally:
         listener.close()
         os.close(log_fd)
-    qmp = QMPClient("test")
-    try:
-        await qmp.connect(str(tmp_path / "qmp.sock"))
-        yield process, qmp
-    finally:
-        with contextlib.suppress(Exception):
-            await qmp.disconnect()
-        await stop_process(process, 5.0)
+    async with connected(process, tmp_path / "qmp.sock") as running:
+        yield running
 
 
 async def test_qemu_runs_as_its_user_without_capabilities_in_a_sandbox(tmp_path: Path) -> None:

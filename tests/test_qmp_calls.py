@@ -13,8 +13,9 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.prereq import need_program
+from tests.qemu_client import connected
 from vnetbackend.errors import VnetError
-from vnetbackend.qemu.process import QEMU_BINARY, listen_unix, start_qemu, stop_process
+from vnetbackend.qemu.process import QEMU_BINARY, listen_unix, start_qemu
 from vnetbackend.qemu.qmp import (
     QemuCallFailed,
     QemuNotAnswering,
@@ -39,16 +40,8 @@ async def bare_qemu(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Pr
             die_with_parent=True)
     finally:
         listener.close()
-    qmp = QMPClient("test")
-    try:
-        await qmp.connect(str(tmp_path / "qmp.sock"))
-        yield process, qmp
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)
-        with contextlib.suppress(Exception):
-            await qmp.disconnect()
-        await stop_process(process, 5.0)
+    async with connected(process, tmp_path / "qmp.sock") as running:
+        yield running
 
 
 async def test_a_stopped_qemu_is_not_answering_and_answers_again(tmp_path: Path) -> None:

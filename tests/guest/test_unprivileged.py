@@ -4,7 +4,6 @@ and the mirror still following the guest."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
@@ -17,23 +16,17 @@ from pathlib import Path
 import pytest
 
 from tests.guest.conftest import need_guest
-from tests.guest.test_daemon import (
-    READY_TIMEOUT,
-    DaemonProcess,
+from tests.guest.daemon_bed import (
     RunningDaemon,
     disconnect_after_shutdown,
+    run_daemon,
     wait_mirrored,
 )
-from tests.prereq import need, need_bcc
+from tests.prereq import need
 from vnetbackend import tap
 from vnetbackend.daemon import launch
 from vnetbackend.daemon.privileges import CAP_KILL, CAP_NET_ADMIN, QEMU_USER
-from vnetbackend.qemu.process import listen_unix
-from vnetbackend.testbed.agent import GuestAgent
-from vnetbackend.testbed.ethtool import GuestRss
-from vnetbackend.testbed.guest import unique_tap_name
-from vnetbackend.testbed.image import find_guest_image
-from vnetbackend.testbed.vm import guest_args
+from vnetbackend.testbed.image import GuestImage, find_guest_image
 
 pytestmark = pytest.mark.guest
 KEPT = (1 << CAP_NET_ADMIN) | (1 << CAP_KILL)
@@ -55,7 +48,6 @@ async def run_private_guest(tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     root can read them (0600 in a directory of root's, 0700): a QEMU that opened them
     after switching user could not boot."""
     need_guest()
-    need_bcc()
     try:
         pwd.getpwnam(QEMU_USER)
     except KeyError:
@@ -68,34 +60,8 @@ async def run_private_guest(tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     for source, copy in ((image.kernel, kernel), (image.initrd, initrd)):
         shutil.copyfile(source, copy)
         copy.chmod(0o600)
-    name = unique_tap_name()
-    run_dir = tmp_path / "run"
-    agent_path = tmp_path / "agent.sock"
-    agent_listener = listen_unix(agent_path)
-    fd = agent_listener.fileno()
-    daemon = await DaemonProcess.start(
-        "run", "--tap", name, "--queues", "2", "--run-dir", str(run_dir), "--pass-fd", str(fd),
-        "--", *guest_args(kernel, initrd, append="console=ttyS0 panic=-1",
-                          console_log=private / "console.log", agent_fd=fd),
-        pass_fds=(fd,))
-    agent_listener.close()
-    qemu_pid = None
-    agent = None
-    try:
-        agent = await GuestAgent.connect(agent_path)
-        await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
-        monitor = await daemon.monitor(run_dir / launch.MONITOR_SOCKET)
-        running = RunningDaemon(daemon, name, run_dir, GuestRss(agent), monitor)
-        qemu_pid = (await running.status())["qemu-pid"]
+    async with run_daemon(tmp_path, GuestImage(kernel, initrd), private) as running:
         yield running
-    finally:
-        if agent is not None:
-            await agent.close()
-        await daemon.kill()
-        if qemu_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(qemu_pid, signal.SIGKILL)
-        await asyncio.to_thread(tap.delete_tap, name)
 
 
 async def test_run_confines_qemu_and_the_daemon_and_still_mirrors(tmp_path: Path) -> None:
