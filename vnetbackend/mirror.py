@@ -56,7 +56,9 @@ class MirrorStatus:
 
     ``rss`` is the configuration in force (the one the maps hold; None while RSS is
     off), ``state`` the device state it came from, ``active_queue_pairs`` the pairs the
-    device served at the last snapshot. ``refusal`` describes the last state
+    device served at the last snapshot. ``last_stages_ms`` says where the last good sync
+    spent its time: ``trace-seen`` (QEMU's trace line to the sync's start), the
+    reader's stages, ``maps`` (writing them) and ``attach``. ``refusal`` describes the last state
     refused, ``failure`` the last failed sync while it has not been recovered from.
     """
 
@@ -70,6 +72,7 @@ class MirrorStatus:
     refusal: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     last_latency_ms: float | None = None
+    last_stages_ms: dict[str, float] | None = None
     active_queue_pairs: int | None = None
 
 
@@ -96,6 +99,7 @@ class Mirror:
         after a refusal; False when the sync failed and should be tried again.
         """
         self.status.syncs += 1
+        started = time.time()
         try:
             device = await self._reader.read(self._device)
         except (QemuCallFailed, SnapshotError) as err:
@@ -109,17 +113,27 @@ class Mirror:
         except InvalidRssConfig as err:
             self._refuse(err, cause)
             return self._keep_in_force()
+        stages = dict(self._reader.last_stages_ms)
+        if cause is not None and cause.at is not None:
+            stages = {"trace-seen": _ms(started - cause.at), **stages}
         try:
+            mapped = time.perf_counter()
             if config is None:
                 self._program.disable()
-                self._program.detach(self._control_fd)
             else:
                 self._program.apply(config, redirect=state.redirect)
+            attached = time.perf_counter()
+            stages["maps"] = _ms(attached - mapped)
+            if config is None:
+                self._program.detach(self._control_fd)
+            else:
                 self._program.attach(self._control_fd)
+            stages["attach"] = _ms(time.perf_counter() - attached)
         except (SteeringError, OSError) as err:
             self.note_failure("steering", err)
             return False
         self.status.attached = config is not None
+        self.status.last_stages_ms = stages
         self._recovered()
         self._record(state, config, cause)
         return True
@@ -168,7 +182,7 @@ class Mirror:
                 cause: RssTraceEvent | None) -> None:
         latency = None
         if cause is not None and cause.at is not None:
-            latency = round((time.time() - cause.at) * 1000, 3)
+            latency = _ms(time.time() - cause.at)
             self.status.last_latency_ms = latency
         changed = config != self.status.rss or state != self.status.state
         self.status.state, self.status.rss = state, config
@@ -180,9 +194,14 @@ class Mirror:
                 "redirect": bool(state and state.redirect),
                 "rss": rss_view(config),
                 "latency-ms": latency,
+                "stages-ms": self.status.last_stages_ms,
             })
         if config is not None:
             self._publish("VNET_STEERING_ATTACHED", {"latency-ms": latency})
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 def _json_value(value: object) -> object:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -96,6 +97,9 @@ class DeviceStateReader:
         self._qmp = qmp
         self._qemu_version = qemu_version
         self._max_queue_pairs = max_queue_pairs
+        #: Where the last `read` spent its time, in ms: ``snapshot`` (the QMP round trip,
+        #: the VM's pause inside it), ``read`` (the file), ``parse`` (the walk).
+        self.last_stages_ms: dict[str, float] = {}
         self._file = -1
         self._writer = -1
         self._fdset: int | None = None
@@ -145,8 +149,11 @@ class DeviceStateReader:
         # QEMU writes at the offset of the open file it shares with self._writer.
         os.ftruncate(self._writer, 0)
         os.lseek(self._writer, 0, os.SEEK_SET)
+        asked = time.perf_counter()
         await call(self._qmp, "xen-save-devices-state",
                    {"filename": f"/dev/fdset/{self._fdset}", "live": False})
+        self.last_stages_ms = {"snapshot": _ms_since(asked)}
+        read = time.perf_counter()
         size = os.fstat(self._file).st_size
         if size > MAX_STATE_BYTES:
             os.ftruncate(self._writer, 0)
@@ -154,7 +161,9 @@ class DeviceStateReader:
                                 f"{MAX_STATE_BYTES} a snapshot may have")
         # Read in place: ~90 KB from memory takes microseconds, while the three
         # thread-pool hops of an async read cost ~1 ms on the mirror's path.
-        return os.pread(self._file, size, 0)
+        stream = os.pread(self._file, size, 0)
+        self.last_stages_ms["read"] = _ms_since(read)
+        return stream
 
     async def read(self, device: NetDevice) -> DeviceState:
         """*device* as QEMU holds it now: its RSS state and active queue pairs.
@@ -162,8 +171,16 @@ class DeviceStateReader:
         Raises `QemuCallFailed` when QEMU does not take the snapshot and
         `vnetbackend.qemu.snapshot.SnapshotError` when the snapshot cannot be read.
         """
-        return read_device_state(await self.snapshot(), device.pci_address,
-                                 self._qemu_version, self._max_queue_pairs)
+        stream = await self.snapshot()
+        parse = time.perf_counter()
+        state = read_device_state(stream, device.pci_address, self._qemu_version,
+                                  self._max_queue_pairs)
+        self.last_stages_ms["parse"] = _ms_since(parse)
+        return state
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 async def query_qemu_version(qmp: QMPClient) -> tuple[int, int, int]:
