@@ -228,7 +228,6 @@ async def _launched_with(options: RunOptions, run_dir: RunDir, user: QemuUser,
     try:
         await qmp.connect(run_dir.inside(QMP_SOCKET))
         traced = await _enable_trace(qmp, None)
-        version = await query_qemu_version(qmp)
         async with DeviceStateReader(qmp, version, options.queues) as reader:
             yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
                          state_reader=reader,
