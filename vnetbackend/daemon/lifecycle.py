@@ -181,20 +181,19 @@ class Daemon:
     async def _follow_control_queue(self) -> None:
         """Owe a sync when polling starts and whenever the control queue moves; a failed
         poll is an event, and polling starts again after the retry delay."""
-        delay = RETRY_FIRST_S
+        retry = _Backoff()
         while True:
             try:
                 commits = control_queue_commits(self.qmp, self.device.virtio_path,
                                                 2 * self.queues)
                 await anext(commits)  # the index as polling starts
                 self._owe_sync(None)
-                delay = RETRY_FIRST_S
+                retry.reset()
                 async for _ in commits:
                     self._notice(None)
             except QemuCallFailed as err:
                 self.mirror.note_failure("control-queue", err)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, RETRY_LAST_S)
+                await retry.wait()
 
     def _notice(self, event: RssTraceEvent | None) -> None:
         """A guest command was committed: QEMU has detached the program and a sync is
@@ -212,7 +211,7 @@ class Daemon:
 
     async def _sync_when_owed(self) -> None:
         """Sync each time one is owed; after a failure, again after a growing delay."""
-        delay = RETRY_FIRST_S
+        retry = _Backoff()
         while True:
             await self._owed.wait()
             self._owed.clear()
@@ -220,10 +219,9 @@ class Daemon:
             self._snapshot_asked = time.time()
             # A control command means the driver is up: have its features current too.
             if await self.mirror.sync(cause) and await self._read_features():
-                delay = RETRY_FIRST_S
+                retry.reset()
                 continue
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, RETRY_LAST_S)
+            await retry.wait()
             self._owe_sync(cause)
 
     async def _watch_negotiation(self) -> None:
@@ -265,6 +263,21 @@ class Daemon:
                 log.warning("the guest did not take %s",
                             ", ".join(sorted(set(WANTED_FEATURES) - now.negotiated)))
             self.publish("VNET_NEGOTIATED", view)
+
+
+class _Backoff:
+    """The delay before trying again: `RETRY_FIRST_S`, doubling to `RETRY_LAST_S` with
+    each failure in a row, back to the first after a success (`reset`)."""
+
+    def __init__(self) -> None:
+        self._delay = RETRY_FIRST_S
+
+    def reset(self) -> None:
+        self._delay = RETRY_FIRST_S
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self._delay)
+        self._delay = min(2 * self._delay, RETRY_LAST_S)
 
 
 def _describe(task: asyncio.Task[Any]) -> str:
