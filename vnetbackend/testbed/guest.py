@@ -28,9 +28,10 @@ from qemu.qmp import QMPClient, QMPError
 from vnetbackend import tap
 from vnetbackend.errors import VnetError
 from vnetbackend.filewatch import FileWatch
+from vnetbackend.qemu.installs import choose_qemu
 from vnetbackend.qemu.process import quoted
 from vnetbackend.testbed.agent import AgentError, GuestAgent
-from vnetbackend.testbed.image import GuestImage, find_guest_image
+from vnetbackend.testbed.image import GuestImage, chosen_series, find_guest_image
 from vnetbackend.testbed.vm import GUEST_MAC_BYTES, QemuProcess, VmPaths, VmSpec
 
 #: Boot-to-ready under TCG is ~5 s on an idle machine; the test machine is shared.
@@ -101,6 +102,10 @@ class GuestOptions:
     active pairs, so frames RSS steers to a queue above it arrive on a lower queue.
     Booting with as many CPUs as queue pairs, and only lowering the count with
     ``ethtool -L``, keeps QEMU serving every queue the guest's table can name.
+
+    ``image`` None boots the test guest of the default kernel series and ``qemu`` None
+    the default QEMU (`vnetbackend.testbed.image`, `vnetbackend.qemu.installs`: the
+    environment can choose both); ``qemu`` may name a path or a version.
     """
 
     queues: int = 2
@@ -112,6 +117,7 @@ class GuestOptions:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     extra_args: tuple[str, ...] = ()
     image: GuestImage | None = None
+    qemu: str | None = None
 
 
 @dataclass(slots=True)
@@ -125,6 +131,12 @@ class Guest:
     control: QMPClient
     boot_seconds: float
     queue_fds: list[int] = field(default_factory=list)
+    qemu_version: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def kernel_release(self) -> str:
+        """The guest kernel's release, as its ready line said."""
+        return self.agent.kernel_release or ""
 
     @property
     def paths(self) -> VmPaths:
@@ -220,7 +232,8 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
     """
     image = options.image or find_guest_image()
     if image is None:
-        raise FileNotFoundError("no test guest image: run scripts/build-guest")
+        raise FileNotFoundError(f"no Linux {chosen_series()} test guest: run scripts/setup")
+    qemu = await choose_qemu(options.qemu)
     name = unique_tap_name()
     async with contextlib.AsyncExitStack() as cleanup:
         # tap.py talks netlink through pyroute2's synchronous API, which cannot run inside
@@ -240,11 +253,11 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
             spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
                           run_dir=run_dir, append=append, rss=options.rss,
                           hash_report=options.hash_report, cpus=options.cpus or options.queues,
-                          extra_args=options.extra_args)
+                          extra_args=options.extra_args, binary=qemu.binary)
             vm = contextlib.AsyncExitStack()
             vm.callback(shutil.rmtree, run_dir, ignore_errors=True)
             try:
-                guest = await _boot_vm(vm, name, spec, options)
+                guest = await _boot_vm(vm, name, spec, options, qemu.version)
             except _BootStalled as hung:
                 await vm.aclose()
                 stall = hung.stall
@@ -264,7 +277,7 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
 
 
 async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
-                   options: GuestOptions) -> Guest:
+                   options: GuestOptions, qemu_version: tuple[int, int, int]) -> Guest:
     """Start QEMU on *spec* and wait for the guest to be ready; *vm* takes its teardown.
 
     Raises `_BootStalled` when the console goes silent first, `GuestBootError` on any
@@ -290,7 +303,7 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
                              quoted(qemu.argv)) from None
     return Guest(tap_name=tap_name, mac=GUEST_MAC_BYTES, qemu=qemu,
                  agent=agent, control=control, boot_seconds=time.monotonic() - started,
-                 queue_fds=list(spec.tap_fds))
+                 queue_fds=list(spec.tap_fds), qemu_version=qemu_version)
 
 
 async def _vcpu_state(control: QMPClient) -> str:

@@ -1,4 +1,9 @@
-"""Where scripts/build-guest leaves the test guest's kernel and initramfs."""
+"""Where scripts/build-guest leaves the test guests' kernels and initramfs.
+
+One guest per kernel series (``6.1``, ``6.12``) in
+``${VNETBACKEND_CACHE:-/var/cache/vnetbackend}/guest/<series>/``. No series given means
+``$VNETBACKEND_GUEST_KERNEL`` if set, else `DEFAULT_SERIES`.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,36 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_CACHE = Path("/var/cache/vnetbackend")
+from vnetbackend.qemu.installs import cache_dir
+
+#: The environment variable holding the default kernel series (tests, scripts).
+GUEST_KERNEL_ENV = "VNETBACKEND_GUEST_KERNEL"
+DEFAULT_SERIES = "6.1"
+#: What scripts/setup builds.
+BUILT_SERIES = ("6.1", "6.12")
 
 
 @dataclass(frozen=True, slots=True)
 class GuestImage:
     kernel: Path
     initrd: Path
+    series: str = DEFAULT_SERIES
 
 
-def guest_dir() -> Path:
-    """``${VNETBACKEND_CACHE:-/var/cache/vnetbackend}/guest``, as scripts/build-guest uses."""
-    return Path(os.environ.get("VNETBACKEND_CACHE") or DEFAULT_CACHE) / "guest"
+def chosen_series(series: str | None = None) -> str:
+    return series or os.environ.get(GUEST_KERNEL_ENV) or DEFAULT_SERIES
 
 
-def find_guest_image() -> GuestImage | None:
-    """The built guest, or None if scripts/build-guest has not run (or not finished)."""
-    directory = guest_dir()
-    image = GuestImage(directory / "vmlinuz", directory / "initramfs.cpio.gz")
+def guest_dir(series: str | None = None) -> Path:
+    """The directory scripts/build-guest builds *series* into."""
+    return cache_dir() / "guest" / chosen_series(series)
+
+
+def find_guest_image(series: str | None = None) -> GuestImage | None:
+    """The built guest of *series*, or None if scripts/build-guest has not built it (or
+    not finished)."""
+    directory = guest_dir(series)
+    image = GuestImage(directory / "vmlinuz", directory / "initramfs.cpio.gz",
+                       chosen_series(series))
     complete = (directory / "stamp").is_file()
     return image if complete and image.kernel.is_file() and image.initrd.is_file() else None
