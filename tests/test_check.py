@@ -41,10 +41,12 @@ def test_agreement_and_documented_departures_are_told_apart() -> None:
     outcomes = {v.frame_class: v.outcome for v in verdicts}
     assert outcomes["ipv4_tcp"] is Outcome.AGREED
     assert outcomes["ipv6_auth_header_tcp"] is Outcome.DEPARTURE
+    assert outcomes["ipv6_atomic_fragment_udp"] is Outcome.SPEC_OPEN
     summary = checker.summary()
     assert summary["frames"] == len(frames) and summary["disagreed"] == 0 and not events
-    assert summary["agreed"] + summary["departures"] == len(frames)
+    assert summary["agreed"] + summary["departures"] + summary["spec_open"] == len(frames)
     assert summary["classes"]["ipv6_auth_header_tcp"]["departures"] >= 1
+    assert summary["classes"]["ipv6_atomic_fragment_udp"]["spec_open"] >= 1
 
 
 def test_a_wrong_kernel_hash_is_a_mismatch_event_with_three_answers() -> None:
@@ -73,7 +75,7 @@ def test_a_guest_that_differs_is_a_mismatch() -> None:
 
 
 def test_a_departure_the_guest_does_not_follow_is_a_mismatch() -> None:
-    frames = [f for f in batch() if AUTH_HEADER_LENGTH.recognises(f[1])][:1]
+    frames = [f for f in batch() if AUTH_HEADER_LENGTH.recognises(CONFIG, f[1])][:1]
     guest = guest_answers(frames)
     model = CONFIG.steer(frames[0][1])
     guest[0] = dataclasses.replace(guest[0], hash=model.hash, l4_hash=True)

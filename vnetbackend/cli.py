@@ -14,6 +14,7 @@ from typing import Any
 
 from vnetbackend import tap
 from vnetbackend.bench import BENCHMARKS
+from vnetbackend.choices import add_platform_options
 from vnetbackend.daemon import launch
 from vnetbackend.daemon.lifecycle import Ending
 from vnetbackend.daemon.privileges import QEMU_USER
@@ -103,7 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = launch.RunOptions(
         qemu_args=tuple(qemu_args), tap_name=args.tap, queues=args.queues, run_dir=run_dir,
         monitor=args.monitor or run_dir / launch.MONITOR_SOCKET, mac=args.mac,
-        pass_fds=tuple(args.pass_fd), qemu_user=args.qemu_user)
+        pass_fds=tuple(args.pass_fd), qemu=args.qemu, qemu_user=args.qemu_user)
     return _finish(launch.run(options))
 
 
@@ -117,7 +118,7 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vnetbackend import demo  # the demo pulls in the test bed; load it only for this
 
-    return demo.main(args.queues, args.per_class, args.json)
+    return demo.main(args.queues, args.per_class, args.json, args.qemu, args.guest_kernel)
 
 
 def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str) -> None:
@@ -164,6 +165,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--qemu-user", default=QEMU_USER, metavar="USER",
                      help="the unprivileged user QEMU switches to once started "
                           "(default: %(default)s, created by scripts/setup)")
+    add_platform_options(run, guest=False)
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, help="-- QEMU arguments")
     run.set_defaults(handler=_cmd_run)
 
@@ -185,6 +187,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                       help="queue pairs (default: %(default)s)")
     demo.add_argument("--per-class", type=int, default=2, metavar="N",
                       help="frames of each class per configuration (default: %(default)s)")
+    add_platform_options(demo, guest=True)
     demo.set_defaults(handler=_cmd_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")

@@ -29,7 +29,8 @@ def need_guest() -> None:
 
 @dataclass(frozen=True, slots=True)
 class RssBed:
-    """The shared guest with rxhash on, the observer started, and its boot-time config."""
+    """The shared guest with rxhash on, the observer started, and its boot-time
+    configuration as the guest's ethtool shows it."""
 
     guest: Guest
     rss: GuestRss
@@ -46,4 +47,4 @@ async def rss_bed() -> AsyncIterator[RssBed]:
         await rss.enable_rxhash()
         observer = RxObserver(guest.agent)
         await observer.start()
-        yield RssBed(guest, rss, observer, await rss.read_config())
+        yield RssBed(guest, rss, observer, await rss.read_guest_view())

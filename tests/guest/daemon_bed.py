@@ -98,7 +98,8 @@ async def check_traffic(bed: Attached, config: RssConfig, seed: int) -> None:
     probes = make_batch(bed.guest.mac, per_class=1, seed=seed)
     reader = bed.daemon.program.reports()
     reader.drain()
-    failed = await check_batch(bed.guest.tap_name, bed.observer, config, probes)
+    failed = await check_batch(bed.guest.tap_name, bed.observer, config, probes,
+                               bed.daemon.checker.departures)
     assert not failed, report(config, failed)
     reports: dict[int, Report] = {}
     while len(reports) < len(probes):

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.oracle import toeplitz_oracle
 from vnetbackend.qemu.departures import (
     ATOMIC_FRAGMENT,
     AUTH_HEADER_LENGTH,
     DEPARTURES,
+    EX_WITHOUT_EXTENSION_HEADERS,
+    Kind,
+    departures_for,
     find_departure,
 )
 from vnetbackend.qemu.features import (
@@ -145,13 +149,51 @@ def test_truncated_batch_cuts_inside_the_headers_with_distinct_lengths():
 
 
 def test_each_departure_recognises_only_its_class():
+    """Under the Linux driver's hash types (0x3f, no _EX) each frame-borne departure
+    recognises its own class only, and the _EX one none."""
+    config = RssConfig(hash_types=0x3F, key=MICROSOFT_KEY, indirection_table=range(4),
+                       queues=4)
     owners = {AUTH_HEADER_LENGTH: "ipv6_auth_header_tcp",
-              ATOMIC_FRAGMENT: "ipv6_atomic_fragment_udp"}
+              ATOMIC_FRAGMENT: "ipv6_atomic_fragment_udp",
+              EX_WITHOUT_EXTENSION_HEADERS: None}
     assert set(owners) == set(DEPARTURES)
     for probe in make_batch(MAC, per_class=4, seed=3):
         for departure, owner in owners.items():
-            assert departure.recognises(probe.frame) == (probe.frame_class == owner), (
+            assert departure.recognises(config, probe.frame) == (probe.frame_class == owner), (
                 departure.name, probe.frame_class)
+
+
+def test_departures_are_told_apart_by_kind_and_version():
+    assert AUTH_HEADER_LENGTH.kind is Kind.DEPARTS
+    assert {ATOMIC_FRAGMENT.kind, EX_WITHOUT_EXTENSION_HEADERS.kind} == {Kind.SPEC_OPEN}
+    assert set(departures_for((7, 2, 22))) == set(DEPARTURES)
+    assert departures_for((8, 1, 0)) == ()
+
+
+@pytest.mark.parametrize("types", [HashType.TCPV6 | HashType.TCP_EX | HashType.IPV6,
+                                   HashType.TCP_EX | HashType.IPV6])
+def test_ex_types_on_ipv6_without_extension_headers(types: HashType):
+    """The model's reading: the _EX types concern only packets with extension headers,
+    so a plain IPv6 TCP packet is hashed by TCPv6 (or, without it, IPv6). QEMU's, from its
+    source: the _EX bit alone gives TCPv6_EX over addresses and ports. Expected hashes
+    come from the bit-by-bit oracle."""
+    src, dst = "2001:db8::1", "2001:db8::2"
+    frame = f.frame(f.ipv6(src, dst, f.tcp(1234, 80)), dst=MAC)
+    config = RssConfig(hash_types=types, key=MICROSOFT_KEY, indirection_table=range(4),
+                       queues=4)
+    addresses = f.ip_bytes(src, 6) + f.ip_bytes(dst, 6)
+    ports = bytes.fromhex("04d20050")
+    model = config.steer(frame)
+    if types & HashType.TCPV6:
+        assert (model.report, model.hash) == (HashReport.TCPV6,
+                                              toeplitz_oracle(MICROSOFT_KEY, addresses + ports))
+    else:
+        assert (model.report, model.hash) == (HashReport.IPV6,
+                                              toeplitz_oracle(MICROSOFT_KEY, addresses))
+    assert find_departure(config, frame, parse_frame(frame)) is EX_WITHOUT_EXTENSION_HEADERS
+    qemu = EX_WITHOUT_EXTENSION_HEADERS.qemu_steer(config, frame)
+    assert (qemu.report, qemu.hash) == (HashReport.TCPV6_EX,
+                                        toeplitz_oracle(MICROSOFT_KEY, addresses + ports))
 
 
 def test_long_chains_are_no_departure():
@@ -164,12 +206,12 @@ def test_long_chains_are_no_departure():
         frame = f.frame(f.ipv6(src, dst, f.tcp(1234, 80), ext=[f.dest_options()] * count),
                         dst=MAC)
         steering = config.steer(frame)
-        assert find_departure(frame, parse_frame(frame)) is None
+        assert find_departure(config, frame, parse_frame(frame)) is None
         assert steering.report is HashReport.TCPV6
         assert steering.hash == toeplitz(MICROSOFT_KEY, f.ip_bytes(src, 6) + f.ip_bytes(dst, 6)
                                          + bytes.fromhex("04d20050"))
     for probe in make_batch(MAC, per_class=4, seed=3, classes=["ipv6_long_chain_tcp"]):
-        assert find_departure(probe.frame, parse_frame(probe.frame)) is None
+        assert find_departure(config, probe.frame, parse_frame(probe.frame)) is None
         assert config.steer(probe.frame).report is HashReport.TCPV6
 
 

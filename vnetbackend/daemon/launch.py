@@ -55,10 +55,9 @@ from vnetbackend.qemu.command import (
 )
 from vnetbackend.qemu.device import DeviceStateReader, find_net_device, query_qemu_version
 from vnetbackend.qemu.follower import TRACE_EVENTS
+from vnetbackend.qemu.installs import Qemu, choose_qemu
 from vnetbackend.qemu.process import (
-    QEMU_BINARY,
     exit_reason,
-    qemu_version,
     start_confined_qemu,
     stop_process,
 )
@@ -79,7 +78,8 @@ class RunOptions:
     """What ``vnetbackend run`` needs; *run_dir* holds the sockets and QEMU's log.
 
     *pass_fds* are open fds QEMU inherits, for arguments such as ``-chardev socket,fd=N``.
-    *qemu_user* is the user QEMU switches to.
+    *qemu* chooses the QEMU, by path or version (`vnetbackend.qemu.installs`); *qemu_user*
+    is the user it switches to.
     """
 
     qemu_args: tuple[str, ...]
@@ -89,21 +89,21 @@ class RunOptions:
     monitor: Path
     mac: str | None = None
     pass_fds: tuple[int, ...] = ()
-    qemu_binary: str = QEMU_BINARY
+    qemu: str | None = None
     qemu_user: str = QEMU_USER
 
 
-def qemu_argv(options: RunOptions, queue_fds: Sequence[int], qmp_fd: int, user: QemuUser,
-              version: tuple[int, int, int]) -> list[str]:
+def qemu_argv(options: RunOptions, qemu: Qemu, queue_fds: Sequence[int], qmp_fd: int,
+              user: QemuUser) -> list[str]:
     """QEMU's command line: the user's arguments plus the tap, the device, QMP, trace
     timestamps, and (last, so that they win) the switch to *user* and the sandbox. The
     trace events themselves are switched on over QMP (`_enable_trace`), as for a QEMU the
     daemon attaches to, so both ways follow the guest alike."""
     return [
-        options.qemu_binary, *options.qemu_args,
+        qemu.binary, *options.qemu_args,
         *net_device_args(queue_fds, mac=options.mac),
         *monitor_args("vnetbackend-qmp", qmp_fd), "-msg", "timestamp=on",
-        *unprivileged_args(user.name, version),
+        *unprivileged_args(user.name, qemu.version),
     ]
 
 
@@ -173,20 +173,21 @@ async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
 
     Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses (before any
     path is built from it), `vnetbackend.daemon.privileges.PrivilegeError` for a QEMU
-    user that does not exist or is root, `vnetbackend.qemu.process.QemuVersionUnknown`
-    for a QEMU binary that does not say its version, and
+    user that does not exist or is root, `vnetbackend.qemu.installs.QemuNotFound` or
+    `vnetbackend.qemu.process.QemuVersionUnknown` for a QEMU that is not there or does
+    not say its version, and
     `vnetbackend.daemon.run_dir.RunDirError` for a run directory that breaks its rules.
     """
     tap.check_name(options.tap_name)
     user = qemu_user(options.qemu_user)
-    version = await qemu_version(options.qemu_binary)
+    qemu = await choose_qemu(options.qemu)
     with RunDir.open(options.run_dir) as run_dir:
         monitor = QmpServer(options.monitor, version_info())
         await asyncio.to_thread(tap.create_tap, options.tap_name)
         try:
             program = await asyncio.to_thread(SteeringProgram)
             try:
-                async with (_launched_with(options, run_dir, user, version, program,
+                async with (_launched_with(options, run_dir, user, qemu, program,
                                            monitor.emit) as daemon,
                             _monitored(daemon, monitor)):
                     yield daemon
@@ -198,7 +199,7 @@ async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
 
 @contextlib.asynccontextmanager
 async def _launched_with(options: RunOptions, run_dir: RunDir, user: QemuUser,
-                         version: tuple[int, int, int], program: SteeringProgram,
+                         qemu: Qemu, program: SteeringProgram,
                          publish: Callable[[str, dict[str, Any]], None],
                          ) -> AsyncIterator[Daemon]:
     queue_fds = [tap.open_queue(options.tap_name) for _ in range(options.queues)]
@@ -208,7 +209,7 @@ async def _launched_with(options: RunOptions, run_dir: RunDir, user: QemuUser,
         listener = run_dir.listen(QMP_SOCKET)
         # O_APPEND: QEMU writes at the end whatever the daemon has cut from the file.
         log_fd = run_dir.create_file(QEMU_LOG, append=True)
-        argv = qemu_argv(options, queue_fds, listener.fileno(), user, version)
+        argv = qemu_argv(options, qemu, queue_fds, listener.fileno(), user)
         log.info("starting %s, to run as %s (uid %d; its output goes to %s)",
                  " ".join(argv), user.name, user.uid, run_dir.path / QEMU_LOG)
         process = await start_confined_qemu(
@@ -228,7 +229,7 @@ async def _launched_with(options: RunOptions, run_dir: RunDir, user: QemuUser,
     try:
         await qmp.connect(run_dir.inside(QMP_SOCKET))
         traced = await _enable_trace(qmp, None)
-        async with DeviceStateReader(qmp, version, options.queues) as reader:
+        async with DeviceStateReader(qmp, qemu.version, options.queues) as reader:
             yield Daemon(qmp=qmp, device=await find_net_device(qmp, DEVICE_ID),
                          state_reader=reader,
                          tap_name=options.tap_name, queues=options.queues, program=program,

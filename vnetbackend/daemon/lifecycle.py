@@ -39,6 +39,7 @@ from qemu.qmp import QMPClient, Runstate
 from vnetbackend.checker import HashChecker
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.mirror import Mirror
+from vnetbackend.qemu.departures import departures_for
 from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.features import WANTED_FEATURES, VirtioFeatures, query_features
 from vnetbackend.qemu.follower import RssTraceEvent, TraceFollower, control_queue_commits
@@ -103,7 +104,8 @@ class Daemon:
     def __post_init__(self) -> None:
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
                              self.publish)
-        self.checker = HashChecker(self.publish)
+        self.checker = HashChecker(self.publish,
+                                   departures_for(self.state_reader.qemu_version))
 
     def request_stop(self, reason: str = "requested") -> None:
         """Ask `serve` to shut down cleanly."""

@@ -47,6 +47,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
         "queues": daemon.queues,
         "device": {"id": daemon.device.qdev_id, "pci-address": daemon.device.pci_address},
         "qemu-pid": daemon.qemu_pid,
+        "qemu_version": ".".join(map(str, daemon.state_reader.qemu_version)),
         "features": daemon.negotiation.view(),
         "rss": rss_view(mirror.rss),
         "rss-state": {

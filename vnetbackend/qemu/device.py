@@ -104,6 +104,11 @@ class DeviceStateReader:
         self._writer = -1
         self._fdset: int | None = None
 
+    @property
+    def qemu_version(self) -> tuple[int, int, int]:
+        """The QEMU version whose layout the snapshots are read with."""
+        return self._qemu_version
+
     async def __aenter__(self) -> DeviceStateReader:
         self._file = os.memfd_create(STATE_FILE_NAME, os.MFD_CLOEXEC)
         try:

@@ -2,8 +2,8 @@
 
 Candidates are the ``qemu-system-x86_64`` on PATH and those ``scripts/install-qemu``
 unpacked under ``${VNETBACKEND_CACHE:-/var/cache/vnetbackend}/qemu/<version>/``. A
-choice containing ``/`` is a path, taken as it is; otherwise it is a version prefix
-("10.0", "7.2", "10.0.2") and picks the newest candidate whose version starts with it.
+choice that looks like a version ("10.0", "7.2", "10.0.2") picks the newest candidate
+whose version starts with it; any other choice is a binary, by path or by name on PATH.
 No choice means ``$VNETBACKEND_QEMU`` if set, else the QEMU on PATH.
 """
 
@@ -59,10 +59,12 @@ def candidate_binaries() -> list[str]:
     return found
 
 
-def _matches(version: tuple[int, int, int], wanted: str) -> bool:
-    parts = wanted.split(".")
-    return all(part.isdigit() for part in parts) and len(parts) <= 3 and \
-        tuple(int(part) for part in parts) == version[:len(parts)]
+def _version_prefix(choice: str) -> tuple[int, ...] | None:
+    """(10, 0) for "10.0"; None for a choice that is not a version."""
+    parts = choice.split(".")
+    if len(parts) > 3 or not all(part.isdigit() for part in parts):
+        return None
+    return tuple(int(part) for part in parts)
 
 
 async def installed_qemus() -> list[Qemu]:
@@ -82,11 +84,12 @@ async def choose_qemu(choice: str | None = None) -> Qemu:
     choice = choice or os.environ.get(QEMU_CHOICE_ENV) or None
     if choice is None:
         return Qemu(QEMU_BINARY, await qemu_version(QEMU_BINARY))
-    if "/" in choice:
+    wanted = _version_prefix(choice)
+    if wanted is None:
         return Qemu(choice, await qemu_version(choice))
     qemus = await installed_qemus()
     for qemu in qemus:
-        if _matches(qemu.version, choice):
+        if qemu.version[:len(wanted)] == wanted:
             return qemu
     have = ", ".join(f"{qemu.version_text} ({qemu.binary})" for qemu in qemus) or "none"
     raise QemuNotFound(f"no QEMU {choice} on this machine; there is: {have} "

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from vnetbackend.checker import HashChecker, Outcome, Verdict, guest_key
+from vnetbackend.qemu.departures import Departure
 from vnetbackend.rss import RssConfig
 from vnetbackend.testbed.injector import Injector
 from vnetbackend.testbed.observer import RxObserver, RxRecord
@@ -37,11 +38,12 @@ async def observe_batch(tap_name: str, observer: RxObserver, probes: Sequence[Pr
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def guest_verdicts(config: RssConfig, probes: Sequence[Probe],
-                   records: Sequence[RxRecord]) -> list[Verdict]:
-    """The guest's side of the check for each probe (no kernel reports involved)."""
-    return HashChecker().check(config, [(p.frame_class, p.frame) for p in probes], None,
-                               records)
+def guest_verdicts(config: RssConfig, probes: Sequence[Probe], records: Sequence[RxRecord],
+                   departures: Sequence[Departure]) -> list[Verdict]:
+    """The guest's side of the check for each probe (no kernel reports involved), with
+    *departures* (those of the QEMU in use: `departures_for`) expected."""
+    return HashChecker(departures=departures).check(
+        config, [(p.frame_class, p.frame) for p in probes], None, records)
 
 
 def mismatches(verdicts: Sequence[Verdict]) -> list[Verdict]:
@@ -50,16 +52,18 @@ def mismatches(verdicts: Sequence[Verdict]) -> list[Verdict]:
 
 
 async def check_batch(tap_name: str, observer: RxObserver, config: RssConfig,
-                      probes: Sequence[Probe]) -> list[Verdict]:
+                      probes: Sequence[Probe], departures: Sequence[Departure],
+                      ) -> list[Verdict]:
     """Inject, observe and check against the model under *config*; the mismatches."""
     records = await observe_batch(tap_name, observer, probes)
-    return mismatches(guest_verdicts(config, probes, records))
+    return mismatches(guest_verdicts(config, probes, records, departures))
 
 
 def departed(verdicts: Sequence[Verdict]) -> dict[str, int]:
-    """Per departure, how many frames it gave a steering other than the model's."""
+    """Per departure (of either kind), how many frames it gave a steering other than the
+    model's."""
     return dict(Counter(v.departure for v in verdicts
-                        if v.outcome is Outcome.DEPARTURE and v.departure))
+                        if v.outcome in (Outcome.DEPARTURE, Outcome.SPEC_OPEN) and v.departure))
 
 
 def report(config: RssConfig, failed: Sequence[Verdict], limit: int = 20) -> str:

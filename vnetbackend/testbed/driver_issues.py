@@ -1,4 +1,4 @@
-"""Guest driver behaviour (Linux 6.1 with QEMU 7.2) that the test bed works around.
+"""Guest driver behaviour (Linux 6.1 and 6.12 virtio_net) that the test bed works around.
 
 Kept as data with the evidence beside it, like QEMU's departures: the bed's defaults
 (`vnetbackend.testbed.guest.GuestOptions`) follow from these, and
@@ -7,6 +7,7 @@ Kept as data with the evidence beside it, like QEMU's departures: the bed's defa
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 
@@ -18,6 +19,21 @@ class DriverIssue:
     description: str
     evidence: str
     workaround: str
+    #: The guest kernel series (major, minor) it was seen on.
+    seen_on: tuple[tuple[int, int], ...]
+
+    def concerns(self, kernel_release: str) -> bool:
+        """Whether a guest running *kernel_release* (``uname -r``) has this issue."""
+        return kernel_series(kernel_release) in self.seen_on
+
+
+def kernel_series(kernel_release: str) -> tuple[int, int] | None:
+    """(6, 12) for "6.12.95+deb12-amd64"; None for a release that does not start so."""
+    parts = kernel_release.split(".", 2)
+    if len(parts) < 2 or not parts[0].isdigit():
+        return None
+    minor = "".join(itertools.takewhile(str.isdigit, parts[1]))
+    return (int(parts[0]), int(minor)) if minor else None
 
 
 STALE_MAX_TX_VQ = DriverIssue(
@@ -32,7 +48,30 @@ STALE_MAX_TX_VQ = DriverIssue(
              "x-query-virtio-queue-status of rx queue 2 kept used-idx 0",
     workaround="boot with as many vCPUs as queue pairs and only lower the count with "
                "ethtool -L (GuestOptions.cpus defaults to queues)",
+    seen_on=((6, 1),),
 )
+
+SHIFTED_RSS_KEY = DriverIssue(
+    name="linux-6.12-shifted-rss-key",
+    description="Linux 6.12's virtio_net sends its RSS command's trailer (max_tx_vq, "
+                "hash_key_length) with the struct's tail padding byte, and the key after "
+                "it: the device reads the key starting at that padding byte. The device, "
+                "and so every hash the guest receives, uses 00 followed by the first 39 "
+                "bytes of the key ethtool -x shows.",
+    evidence="QEMU 7.2.22 and 10.0.2, guest 6.12.95+deb12: after ethtool -X hkey "
+             "31:32:...:58 the device state's RSS key read 00 31 32 ... 57, and so did "
+             "the boot-time key (the driver's random key, shifted the same way)",
+    workaround="the bed expects the device's key (`device_key`), not the one ethtool -x "
+               "shows, for guests with this issue",
+    seen_on=((6, 12),),
+)
+
+
+def device_key(guest_key: bytes, kernel_release: str) -> bytes:
+    """The key the device holds when the guest's ethtool shows *guest_key*."""
+    if SHIFTED_RSS_KEY.concerns(kernel_release):
+        return bytes(1) + guest_key[:-1]
+    return guest_key
 
 
 def folded_queue(queue: int, active_pairs: int) -> int:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vnetbackend.errors import VnetError
 from vnetbackend.rss import HashType, RssConfig
 from vnetbackend.testbed.agent import GuestAgent
+from vnetbackend.testbed.driver_issues import device_key
 
 DEVICE = "eth0"
 #: ethtool flow type -> (its L4 hash type, its family's IP hash type).
@@ -156,10 +157,18 @@ class GuestRss:
                                       for flow in FLOW_TYPES})
 
     async def read_config(self) -> RssConfig:
-        """The configuration as the guest reports it, ready for the reference model.
+        """The configuration the device holds, as the guest reports it: ethtool's view,
+        with the key the device received from this guest's driver (`device_key`: the
+        driver's known issues), ready for the reference model.
 
         The driver's unclassified queue is always 0.
         """
+        config = await self.read_guest_view()
+        return replace(
+            config, key=device_key(config.key, self.agent.kernel_release or ""))
+
+    async def read_guest_view(self) -> RssConfig:
+        """The configuration exactly as the guest's ethtool reports it."""
         rxfh = parse_rxfh(await self.agent.check(f"ethtool -x {self.device}"))
         _, combined = parse_combined_channels(await self.agent.check(f"ethtool -l {self.device}"))
         return RssConfig(hash_types=await self.read_hash_types(), key=rxfh.key,
