@@ -1,6 +1,7 @@
 #!/bin/sh
 # PID 1 of the test guest (busybox sh). Brings up eth0 (virtio-net) and runs the
-# guest agent on the second serial port (ttyS1).
+# guest agent on the second serial port (ttyS1); with vnet.shell on the kernel command
+# line, also a shell on the console (ttyS0).
 #
 # Agent protocol, one request per line from the host:  <token> <base64 of a sh script>
 # Reply:  VNET-BEGIN <token>\n <output of the script, stdout+stderr> \nVNET-END <token> <status>\n
@@ -33,6 +34,12 @@ ip link set lo up
 # Promiscuous mode: the device then delivers every frame, whatever its MAC or VLAN id.
 ip link set eth0 promisc on || fail "eth0 promisc"
 ip link set eth0 up || fail "eth0 up"
+
+# vnet.shell on the kernel command line (vnetbackend vm): a shell on the console for a
+# person, beside the agent.
+if grep -qw vnet.shell /proc/cmdline; then
+    setsid cttyhack sh &
+fi
 
 exec 3<>"$AGENT_TTY"
 printf 'VNET-GUEST-READY %s\n' "$(uname -r)" >&3

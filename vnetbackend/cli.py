@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -121,8 +122,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args.queues, args.per_class, args.json, args.qemu, args.guest_kernel)
 
 
-def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str) -> None:
-    parser.add_argument("--tap", required=True, type=_tap_name, help=tap_help)
+def _cmd_vm(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from vnetbackend import shell  # pulls in the test bed; load it only for this
+    from vnetbackend.testbed.platform import Platform
+
+    run_dir = _run_dir(args)
+    with tempfile.TemporaryDirectory(prefix="vnetbackend-vm-") as work:
+        try:
+            return shell.main(args.tap, args.queues, run_dir,
+                              args.monitor or run_dir / launch.MONITOR_SOCKET,
+                              Platform.from_args(args), Path(work))
+        except VnetError as err:
+            print(f"vnetbackend vm: {err}", file=sys.stderr)
+            return 1
+
+
+def _add_daemon_options(parser: argparse.ArgumentParser, tap_help: str,
+                        tap_default: str | None = None) -> None:
+    parser.add_argument("--tap", required=tap_default is None, default=tap_default,
+                        type=_tap_name, help=tap_help)
     parser.add_argument("--run-dir", type=Path,
                         help="sockets and QEMU's log, mode 0700 (default: "
                              "/run/vnetbackend/TAP)")
@@ -189,6 +209,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                       help="frames of each class per configuration (default: %(default)s)")
     add_platform_options(demo, guest=True)
     demo.set_defaults(handler=_cmd_demo)
+
+    vm = commands.add_parser(
+        "vm", help="boot the test guest under the daemon and open a shell in it",
+        description="The test guest (scripts/setup builds it) launched as `run` launches "
+                    "QEMU, with a shell on its console connected to this terminal and the "
+                    "daemon's monitor path printed; Ctrl-] leaves.")
+    _add_daemon_options(vm, "name of the tap to create (default: vnetvm<pid>)",
+                        tap_default=f"vnetvm{os.getpid() % 100000}")
+    vm.add_argument("--queues", type=int, default=4, choices=range(1, 9), metavar="1..8",
+                    help="queue pairs, and vCPUs (default: %(default)s)")
+    add_platform_options(vm, guest=True)
+    vm.set_defaults(handler=_cmd_vm)
 
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     benches = bench.add_subparsers(dest="benchmark", required=True)

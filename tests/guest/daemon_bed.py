@@ -1,4 +1,5 @@
-"""A real guest with the daemon attached in-process, for the daemon's guest tests."""
+"""Helpers for the daemon's guest tests: traffic checks on a `VnetGuest` (the plugin's
+``vnet_guest`` fixture), events, and ``vnetbackend run`` as a child process."""
 
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import Report
 from vnetbackend.testbed.agent import GuestAgent
 from vnetbackend.testbed.batch import check_batch, report
+from vnetbackend.testbed.bed import VnetGuest
 from vnetbackend.testbed.ethtool import GuestRss
-from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest, unique_tap_name
+from vnetbackend.testbed.guest import unique_tap_name
 from vnetbackend.testbed.image import GuestImage, find_guest_image
-from vnetbackend.testbed.injector import silence_host_stack
-from vnetbackend.testbed.observer import RxObserver
 from vnetbackend.testbed.traffic import make_batch
 from vnetbackend.testbed.vm import guest_args
 
@@ -35,64 +35,7 @@ EVENT_TIMEOUT = 30.0
 READY_TIMEOUT = 180.0
 
 
-def same_rss(view: dict[str, Any] | None, config: RssConfig) -> bool:
-    """Whether a query-vnet RSS view holds *config*'s key, table and hash types."""
-    return view is not None and (view["key"], view["indirection-table"], view["hash-types"]) == (
-        config.key.hex(), list(config.indirection_table), int(config.hash_types))
-
-
-async def wait_mirrored(client: QMPClient, guest_config: RssConfig) -> dict[str, Any]:
-    """Wait (on the daemon's events) until its maps and snapshot equal *guest_config*."""
-    async def settled() -> dict[str, Any]:
-        while True:
-            status = await client.execute("query-vnet")
-            if same_rss(status["rss"], guest_config) and same_rss(status["steering"]["rss"],
-                                                                   guest_config):
-                return status
-            await client.events.get()
-    return await asyncio.wait_for(settled(), EVENT_TIMEOUT)
-
-
-@dataclass
-class Attached:
-    guest: Guest
-    rss: GuestRss
-    observer: RxObserver
-    daemon: Any
-    monitor: QMPClient
-
-
-@contextlib.asynccontextmanager
-async def attached_guest(tmp_path: Path, use_trace: bool = True, cpus: int | None = None,
-                         rss: bool = True) -> AsyncIterator[Attached]:
-    """A 4-pair guest with rxhash on and its observer started, the daemon attached to its
-    QEMU and serving, and a client on the daemon's monitor. *rss* False offers hash
-    reports without RSS."""
-    need_guest()
-    need_bcc()
-    options = GuestOptions(queues=4, cpus=cpus, rss=rss,
-                           extra_args=("-msg", "timestamp=on"))
-    async with boot_guest(options) as guest:
-        silence_host_stack(guest.tap_name)
-        rss = GuestRss(guest.agent)
-        await rss.enable_rxhash()
-        observer = RxObserver(guest.agent)
-        await observer.start()
-        monitor_path = tmp_path / "monitor.sock"
-        async with launch.attached(guest.qmp_socket, guest.tap_name, tmp_path / "run",
-                                   monitor_path, use_trace=use_trace) as daemon:
-            serving = asyncio.create_task(daemon.serve())
-            client = QMPClient("test")
-            await client.connect(str(monitor_path))
-            try:
-                yield Attached(guest, rss, observer, daemon, client)
-            finally:
-                daemon.request_stop("test over")
-                await serving
-                await client.disconnect()
-
-
-async def check_traffic(bed: Attached, config: RssConfig, seed: int) -> None:
+async def check_traffic(bed: VnetGuest, config: RssConfig, seed: int) -> None:
     """Inject a traffic mix: the program's reports must equal the reference model, and the
     guest must see what the model (or a documented QEMU departure) says."""
     probes = make_batch(bed.guest.mac, per_class=1, seed=seed)

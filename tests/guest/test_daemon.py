@@ -15,13 +15,10 @@ from tests.guest.conftest import need_guest
 from tests.guest.daemon_bed import (
     EVENT_TIMEOUT,
     DaemonProcess,
-    attached_guest,
     check_traffic,
     disconnect_after_shutdown,
     next_event,
     run_daemon,
-    same_rss,
-    wait_mirrored,
 )
 from tests.prereq import need_bcc
 from tests.skew import skew_indirection_entry
@@ -29,64 +26,69 @@ from vnetbackend import tap
 from vnetbackend.daemon import launch
 from vnetbackend.steering.reports import collect_reports
 from vnetbackend.testbed.batch import observe_batch
+from vnetbackend.testbed.bed import VnetGuest, same_rss, wait_mirrored
 from vnetbackend.testbed.traffic import make_batch
 
 pytestmark = pytest.mark.guest
 
 
-async def test_mirror_follows_every_guest_change(tmp_path: Path) -> None:
-    async with attached_guest(tmp_path) as bed:
+async def test_mirror_follows_every_guest_change(vnet_guest: VnetGuest) -> None:
+    bed = vnet_guest
+    status = await wait_mirrored(bed.monitor, await bed.rss.read_config())
+    assert {"VIRTIO_NET_F_RSS", "VIRTIO_NET_F_HASH_REPORT"} <= set(
+        status["features"]["negotiated"])
+    # Asked over QMP by the daemon; the bed read it from the binary's --version.
+    assert status["qemu_version"] == ".".join(map(str, bed.guest.qemu_version))
+    assert status["steering"]["attached"]
+    await bed.monitor.execute("vnet-set-reports", {"enable": True})
+    steps = [
+        lambda: bed.rss.set_rxfh(key=bytes(range(7, 47))),
+        lambda: bed.rss.set_rxfh(equal=2),
+        lambda: bed.rss.set_rxfh(weights=[1, 2, 3, 2]),
+        lambda: bed.rss.set_flow_hash("udp4", "sd"),
+        lambda: bed.rss.set_rxfh(key=bytes(range(40)), equal=3),
+    ]
+    for seed, step in enumerate(steps):
+        await step()
+        guest_config = await bed.rss.read_config()
+        status = await wait_mirrored(bed.monitor, guest_config)
+        assert status["steering"]["attached"] and status["rss-state"]["populate-hash"]
+        await check_traffic(bed, guest_config, seed)
+    assert status["mirror"]["refused"] == 0
+    assert status["mirror"]["last-latency-ms"] is not None
+
+
+@pytest.mark.vnet_guest(use_trace=False)
+async def test_without_trace_events_the_control_queue_is_followed(vnet_guest: VnetGuest) -> None:
+    bed = vnet_guest
+    status = await bed.monitor.execute("query-vnet")
+    assert status["mirror"]["following"] == "control-queue"
+    for key in (bytes(range(5, 45)), bytes(range(9, 49))):
+        await bed.rss.set_rxfh(key=key, equal=3)
         status = await wait_mirrored(bed.monitor, await bed.rss.read_config())
-        assert {"VIRTIO_NET_F_RSS", "VIRTIO_NET_F_HASH_REPORT"} <= set(
-            status["features"]["negotiated"])
         assert status["steering"]["attached"]
-        await bed.monitor.execute("vnet-set-reports", {"enable": True})
-        steps = [
-            lambda: bed.rss.set_rxfh(key=bytes(range(7, 47))),
-            lambda: bed.rss.set_rxfh(equal=2),
-            lambda: bed.rss.set_rxfh(weights=[1, 2, 3, 2]),
-            lambda: bed.rss.set_flow_hash("udp4", "sd"),
-            lambda: bed.rss.set_rxfh(key=bytes(range(40)), equal=3),
-        ]
-        for seed, step in enumerate(steps):
-            await step()
-            guest_config = await bed.rss.read_config()
-            status = await wait_mirrored(bed.monitor, guest_config)
-            assert status["steering"]["attached"] and status["rss-state"]["populate-hash"]
-            await check_traffic(bed, guest_config, seed)
-        assert status["mirror"]["refused"] == 0
-        assert status["mirror"]["last-latency-ms"] is not None
 
 
-async def test_without_trace_events_the_control_queue_is_followed(tmp_path: Path) -> None:
-    async with attached_guest(tmp_path, use_trace=False) as bed:
-        status = await bed.monitor.execute("query-vnet")
-        assert status["mirror"]["following"] == "control-queue"
-        for key in (bytes(range(5, 45)), bytes(range(9, 49))):
-            await bed.rss.set_rxfh(key=key, equal=3)
-            status = await wait_mirrored(bed.monitor, await bed.rss.read_config())
-            assert status["steering"]["attached"]
-
-
-async def test_monitor_refuses_bad_arguments_and_keeps_serving(tmp_path: Path) -> None:
-    async with attached_guest(tmp_path) as bed:
-        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "monitor.sock"))
-        await reader.readline()
-        for line in (b'{"execute": "qmp_capabilities"}', b'{"execute" "query-vnet"}',
-                     b'{"execute": "vnet-set-reports", "arguments": {"enable": "yes"}}',
-                     b'{"execute": "vnet-set-reports", "arguments": {"enable": true, '
-                     b'"every": 0}}',
-                     b'{"execute": "no-such-command"}'):
-            writer.write(line + b"\n")
-        replies = [await asyncio.wait_for(reader.readline(), EVENT_TIMEOUT) for _ in range(5)]
-        writer.close()
-        await writer.wait_closed()
-        assert b'"return"' in replies[0]
-        assert all(b'"error"' in reply for reply in replies[1:]), replies
-        assert b"enable" in replies[2] and b"every" in replies[3]
-        assert b"CommandNotFound" in replies[4]
-        status = await bed.monitor.execute("query-vnet")
-        assert status["steering"]["report-every"] == 0
+async def test_monitor_refuses_bad_arguments_and_keeps_serving(tmp_path: Path,
+                                                               vnet_guest: VnetGuest) -> None:
+    bed = vnet_guest
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "monitor.sock"))
+    await reader.readline()
+    for line in (b'{"execute": "qmp_capabilities"}', b'{"execute" "query-vnet"}',
+                 b'{"execute": "vnet-set-reports", "arguments": {"enable": "yes"}}',
+                 b'{"execute": "vnet-set-reports", "arguments": {"enable": true, '
+                 b'"every": 0}}',
+                 b'{"execute": "no-such-command"}'):
+        writer.write(line + b"\n")
+    replies = [await asyncio.wait_for(reader.readline(), EVENT_TIMEOUT) for _ in range(5)]
+    writer.close()
+    await writer.wait_closed()
+    assert b'"return"' in replies[0]
+    assert all(b'"error"' in reply for reply in replies[1:]), replies
+    assert b"enable" in replies[2] and b"every" in replies[3]
+    assert b"CommandNotFound" in replies[4]
+    status = await bed.monitor.execute("query-vnet")
+    assert status["steering"]["report-every"] == 0
 
 
 # -- vnetbackend run, as a separate process ----------------------------------------------
@@ -147,34 +149,34 @@ async def test_run_ends_cleanly(tmp_path: Path, ending: str) -> None:
             os.kill(status["qemu-pid"], 0)
 
 
-async def test_a_skewed_map_is_caught_frame_by_frame(tmp_path: Path) -> None:
-    async with attached_guest(tmp_path) as bed:
-        await bed.rss.set_rxfh(key=bytes(range(11, 51)), equal=4)
-        guest_config = await bed.rss.read_config()
-        await wait_mirrored(bed.monitor, guest_config)
-        config = bed.daemon.mirror.status.rss
-        program = bed.daemon.program
-        for index, queue in enumerate(config.indirection_table):
-            skew_indirection_entry(program, index, (queue + 1) % config.queues)
-        program.set_reports(1)
-        reader = program.reports()
-        reader.drain()
-        probes = make_batch(bed.guest.mac, per_class=1, seed=7)
-        records = await observe_batch(bed.guest.tap_name, bed.observer, probes)
-        reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
-        bed.daemon.checker.check(config, [(p.frame_class, p.frame) for p in probes], reports,
-                                 records)
-        hashed = {p.frame.hex() for p in probes if config.steer(p.frame).report.value}
-        named = set()
-        while len(named) < len(hashed):
-            event = await asyncio.wait_for(bed.monitor.events.get(), EVENT_TIMEOUT)
-            if event["event"] == "VNET_HASH_MISMATCH":
-                assert "kernel differs from the specification" in event["data"]["reason"]
-                named.add(event["data"]["frame"])
-        assert named == hashed
-        summary = await bed.monitor.execute("query-vnet-check")
-        assert summary["disagreed"] == len(hashed)
-        assert summary["frames"] == len(probes) and summary["unmatched"] == 0
+async def test_a_skewed_map_is_caught_frame_by_frame(vnet_guest: VnetGuest) -> None:
+    bed = vnet_guest
+    await bed.rss.set_rxfh(key=bytes(range(11, 51)), equal=4)
+    guest_config = await bed.rss.read_config()
+    await wait_mirrored(bed.monitor, guest_config)
+    config = bed.daemon.mirror.status.rss
+    program = bed.daemon.program
+    for index, queue in enumerate(config.indirection_table):
+        skew_indirection_entry(program, index, (queue + 1) % config.queues)
+    program.set_reports(1)
+    reader = program.reports()
+    reader.drain()
+    probes = make_batch(bed.guest.mac, per_class=1, seed=7)
+    records = await observe_batch(bed.guest.tap_name, bed.observer, probes)
+    reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
+    bed.daemon.checker.check(config, [(p.frame_class, p.frame) for p in probes], reports,
+                             records)
+    hashed = {p.frame.hex() for p in probes if config.steer(p.frame).report.value}
+    named = set()
+    while len(named) < len(hashed):
+        event = await asyncio.wait_for(bed.monitor.events.get(), EVENT_TIMEOUT)
+        if event["event"] == "VNET_HASH_MISMATCH":
+            assert "kernel differs from the specification" in event["data"]["reason"]
+            named.add(event["data"]["frame"])
+    assert named == hashed
+    summary = await bed.monitor.execute("query-vnet-check")
+    assert summary["disagreed"] == len(hashed)
+    assert summary["frames"] == len(probes) and summary["unmatched"] == 0
 
 
 async def test_demo_exits_0_with_every_frame_accounted_for() -> None:
@@ -196,82 +198,83 @@ async def test_demo_exits_0_with_every_frame_accounted_for() -> None:
     assert b"configuration 5/5" in err
 
 
-async def test_a_stopped_qemu_is_an_event_and_the_mirror_resumes(tmp_path: Path) -> None:
+async def test_a_stopped_qemu_is_an_event_and_the_mirror_resumes(vnet_guest: VnetGuest) -> None:
     """SIGSTOP makes QEMU's answers time out: an event, the configuration stays in force
     and attached, the daemon keeps serving; after SIGCONT it reads the device again."""
-    async with attached_guest(tmp_path) as bed:
-        await bed.rss.set_rxfh(key=bytes(range(21, 61)), equal=4)
-        guest_config = await bed.rss.read_config()
-        before = await wait_mirrored(bed.monitor, guest_config)
-        pid = bed.guest.qemu.pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            failed = await next_event(bed.monitor, "VNET_SYNC_FAILED")
-            during = await bed.monitor.execute("query-vnet")
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        assert "no answer within" in failed["data"]["reason"]
-        assert same_rss(failed["data"]["in-force"], guest_config)
-        assert during["steering"]["attached"] and same_rss(during["steering"]["rss"],
-                                                            guest_config)
-        assert during["mirror"]["failure"]["stage"] == failed["data"]["stage"]
-        recovered = await next_event(bed.monitor, "VNET_SYNC_RECOVERED")
-        assert recovered["data"]["after"]["stage"] == failed["data"]["stage"]
-        after = await bed.monitor.execute("query-vnet")
-        assert after["mirror"]["failure"] is None and after["steering"]["attached"]
-        assert after["mirror"]["syncs"] > before["mirror"]["syncs"]
-        await bed.rss.set_rxfh(key=bytes(range(31, 71)), equal=2)
-        await wait_mirrored(bed.monitor, await bed.rss.read_config())
+    bed = vnet_guest
+    await bed.rss.set_rxfh(key=bytes(range(21, 61)), equal=4)
+    guest_config = await bed.rss.read_config()
+    before = await wait_mirrored(bed.monitor, guest_config)
+    pid = bed.guest.qemu.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        failed = await next_event(bed.monitor, "VNET_SYNC_FAILED")
+        during = await bed.monitor.execute("query-vnet")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "no answer within" in failed["data"]["reason"]
+    assert same_rss(failed["data"]["in-force"], guest_config)
+    assert during["steering"]["attached"] and same_rss(during["steering"]["rss"],
+                                                        guest_config)
+    assert during["mirror"]["failure"]["stage"] == failed["data"]["stage"]
+    recovered = await next_event(bed.monitor, "VNET_SYNC_RECOVERED")
+    assert recovered["data"]["after"]["stage"] == failed["data"]["stage"]
+    after = await bed.monitor.execute("query-vnet")
+    assert after["mirror"]["failure"] is None and after["steering"]["attached"]
+    assert after["mirror"]["syncs"] > before["mirror"]["syncs"]
+    await bed.rss.set_rxfh(key=bytes(range(31, 71)), equal=2)
+    await wait_mirrored(bed.monitor, await bed.rss.read_config())
 
 
-async def test_the_lines_of_one_guest_command_cost_one_sync(tmp_path: Path) -> None:
+async def test_the_lines_of_one_guest_command_cost_one_sync(vnet_guest: VnetGuest) -> None:
     """Each ethtool -X writes two trace lines (disable, enable); the snapshot asked for
     after the first covers the second."""
-    async with attached_guest(tmp_path) as bed:
+    bed = vnet_guest
+    await wait_mirrored(bed.monitor, await bed.rss.read_config())
+    before = (await bed.monitor.execute("query-vnet"))["mirror"]["syncs"]
+    commands = 5
+    for n in range(commands):
+        await bed.rss.set_rxfh(key=bytes(range(n, n + 40)), equal=4 - n % 2)
         await wait_mirrored(bed.monitor, await bed.rss.read_config())
-        before = (await bed.monitor.execute("query-vnet"))["mirror"]["syncs"]
-        commands = 5
-        for n in range(commands):
-            await bed.rss.set_rxfh(key=bytes(range(n, n + 40)), equal=4 - n % 2)
-            await wait_mirrored(bed.monitor, await bed.rss.read_config())
-        after = (await bed.monitor.execute("query-vnet"))["mirror"]["syncs"]
+    after = (await bed.monitor.execute("query-vnet"))["mirror"]["syncs"]
     assert commands <= after - before < 2 * commands
 
 
+@pytest.mark.vnet_guest(cpus=2)
 async def test_a_state_qemu_accepts_but_the_device_cannot_serve_is_refused(
-        tmp_path: Path) -> None:
+        vnet_guest: VnetGuest) -> None:
     """Linux 6.1 keeps its probe-time pair count as max_tx_vq (see driver_issues.py): with
     2 vCPUs and 4 channels, an RSS command naming queues 2 and 3 leaves QEMU serving 2
     pairs. QEMU accepts that table; the daemon refuses it, keeps the configuration in
     force and attaches the program again (QEMU detached it on the commit)."""
-    async with attached_guest(tmp_path, cpus=2) as bed:
-        await bed.rss.set_channels(4)
-        await bed.rss.set_rxfh(key=bytes(range(41, 81)), equal=2)
-        good = await bed.rss.read_config()
-        status = await wait_mirrored(bed.monitor, good)
-        assert status["mirror"]["active-queue-pairs"] == 2
-        await bed.rss.set_rxfh(equal=4)
-        guest_view = await bed.rss.read_config()
-        assert set(guest_view.indirection_table) == {0, 1, 2, 3}
-        refused = await next_event(bed.monitor, "VNET_RSS_REFUSED")
-        assert refused["data"]["field"].startswith("indirection_table[")
-        assert refused["data"]["value"] in (2, 3)
-        assert same_rss(refused["data"]["in-force"], good)
+    bed = vnet_guest
+    await bed.rss.set_channels(4)
+    await bed.rss.set_rxfh(key=bytes(range(41, 81)), equal=2)
+    good = await bed.rss.read_config()
+    status = await wait_mirrored(bed.monitor, good)
+    assert status["mirror"]["active-queue-pairs"] == 2
+    await bed.rss.set_rxfh(equal=4)
+    guest_view = await bed.rss.read_config()
+    assert set(guest_view.indirection_table) == {0, 1, 2, 3}
+    refused = await next_event(bed.monitor, "VNET_RSS_REFUSED")
+    assert refused["data"]["field"].startswith("indirection_table[")
+    assert refused["data"]["value"] in (2, 3)
+    assert same_rss(refused["data"]["in-force"], good)
+    status = await bed.monitor.execute("query-vnet")
+    while not status["steering"]["attached"]:  # the attach follows the refusal event
+        await bed.monitor.events.get()
         status = await bed.monitor.execute("query-vnet")
-        while not status["steering"]["attached"]:  # the attach follows the refusal event
-            await bed.monitor.events.get()
-            status = await bed.monitor.execute("query-vnet")
-        assert same_rss(status["rss"], good) and same_rss(status["steering"]["rss"], good)
-        assert status["mirror"]["last-refusal"]["field"] == refused["data"]["field"]
-        # Attached for real: the program steers the tap's frames under the old table.
-        # (The guest itself sees QEMU's own choice, from the table QEMU accepted.)
-        await bed.monitor.execute("vnet-set-reports", {"enable": True})
-        reader = bed.daemon.program.reports()
-        reader.drain()
-        probes = make_batch(bed.guest.mac, per_class=1, seed=5,
-                            classes=["ipv4_tcp", "ipv4_udp", "ipv6_tcp", "ipv6_udp"])
-        await observe_batch(bed.guest.tap_name, bed.observer, probes)
-        reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
-        assert {len(p.frame): good.steer(p.frame).queue for p in probes} == {
-            r.frame_len: r.queue for r in reports}
-        assert {r.queue for r in reports} <= {0, 1}
+    assert same_rss(status["rss"], good) and same_rss(status["steering"]["rss"], good)
+    assert status["mirror"]["last-refusal"]["field"] == refused["data"]["field"]
+    # Attached for real: the program steers the tap's frames under the old table.
+    # (The guest itself sees QEMU's own choice, from the table QEMU accepted.)
+    await bed.monitor.execute("vnet-set-reports", {"enable": True})
+    reader = bed.daemon.program.reports()
+    reader.drain()
+    probes = make_batch(bed.guest.mac, per_class=1, seed=5,
+                        classes=["ipv4_tcp", "ipv4_udp", "ipv6_tcp", "ipv6_udp"])
+    await observe_batch(bed.guest.tap_name, bed.observer, probes)
+    reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
+    assert {len(p.frame): good.steer(p.frame).queue for p in probes} == {
+        r.frame_len: r.queue for r in reports}
+    assert {r.queue for r in reports} <= {0, 1}

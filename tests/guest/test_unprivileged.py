@@ -20,12 +20,12 @@ from tests.guest.daemon_bed import (
     RunningDaemon,
     disconnect_after_shutdown,
     run_daemon,
-    wait_mirrored,
 )
 from tests.prereq import need
 from vnetbackend import tap
 from vnetbackend.daemon import launch
 from vnetbackend.daemon.privileges import CAP_KILL, CAP_NET_ADMIN, QEMU_USER
+from vnetbackend.testbed.bed import wait_mirrored
 from vnetbackend.testbed.image import GuestImage, find_guest_image
 
 pytestmark = pytest.mark.guest

@@ -126,16 +126,20 @@ class VmPaths:
 
 def guest_args(kernel: Path, initrd: Path, *, append: str, console_log: Path,
                agent_fd: int | None, cpus: int | None = None,
-               machine_config: Path = MACHINE_CONFIG) -> list[str]:
-    """The test machine with the test guest's kernel: console to *console_log*, and the
-    agent on ttyS1 if *agent_fd* (a listening unix socket) is given."""
+               machine_config: Path = MACHINE_CONFIG,
+               console_fd: int | None = None) -> list[str]:
+    """The test machine with the test guest's kernel: console to *console_log* (and, if
+    *console_fd*, a listening unix socket, served there too), and the agent on ttyS1 if
+    *agent_fd* (a listening unix socket) is given."""
+    console = (option("file", id="console", path=console_log) if console_fd is None else
+               option("socket", id="console", fd=console_fd, server=True, wait=False,
+                      logfile=console_log))
     argv = [
         "-readconfig", str(machine_config),
         "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
         *(["-smp", str(cpus)] if cpus else []),
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
-        "-chardev", option("file", id="console", path=console_log),
-        "-serial", "chardev:console",
+        "-chardev", console, "-serial", "chardev:console",
     ]
     if agent_fd is not None:
         argv += [*socket_chardev_args("agent", agent_fd), "-serial", "chardev:agent"]
