@@ -24,7 +24,9 @@ The walk of a virtio-net-pci section (QEMU's ``virtio_save``), in order:
   descriptor address be64, last available index be16 and (with MSI-X) its vector be16;
 - the virtio-net fields the layout lists (MAC filter table, VLAN filter, queue pairs...),
   then its subsection ``virtio-net-device/rss`` when RSS is on, then virtio's own
-  subsections, each of a size the layout knows, then the footer.
+  subsections, each of a size the layout knows, then the footer. A subsection the
+  layout does not know, or knows as opaque (a vhost-user back end's state, QEMU 10.0),
+  stops the walk there with an error naming its offset.
 
 The section itself is found by its header (``0x04``, section id, name
 ``<pci address>/virtio-net``, instance, version): the stream holds other devices'
@@ -206,6 +208,10 @@ def _walk_section(cur: Cursor, layout: VirtioNetLayout, max_pairs: int) -> Devic
     features = _virtio_common(cur, layout, vectors, max_pairs)
     mac, curr_pairs = _device_fields(cur, layout, features, max_pairs)
     rss = _rss(cur, layout.rss) if cur.peek_subsection() == layout.rss.name else None
+    opaque = cur.peek_subsection()
+    if opaque in layout.opaque_subsections:
+        raise cur.error(f"{opaque} subsection", "holds a back end's own state, whose "
+                                                "length the stream does not record")
     _subsections(cur, layout.virtio_subsections)
     cur.expect(bytes([SECTION_FOOTER]) + section_id.to_bytes(4, "big"), "section footer")
     after = cur.data[cur.pos : cur.pos + 1]

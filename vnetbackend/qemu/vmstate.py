@@ -9,12 +9,16 @@ name (prefixed by the description's own name and ``/``), be32 version, the field
 that subsection's own subsections. Integers are big-endian, booleans one byte (0 or 1).
 
 Nothing in the stream says how long a field is or where the fields end: a reader must
-know the layout, and the layout changes between QEMU versions. `LAYOUTS` holds it per
-version, as data; `layout_for` refuses a version it does not hold.
+know the layout, and the layout can change between QEMU versions. `LAYOUTS` holds it per
+version, as data; `layout_for` refuses a version it does not hold. A version is added
+only with streams that QEMU version wrote (``tests/data/device-state/MAJOR.MINOR/``)
+and a reading of its source; ``qemu-configs/README.md`` ("QEMU 10.0: the device state")
+records what changed from 7.2 to 10.0 and the evidence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -182,7 +186,12 @@ class VirtioNetLayout:
 
     The framing (see `vnetbackend.qemu.snapshot`) is the PCI device's state, its MSI-X
     table, virtio's common fields and queues, the virtio-net device's ``device_fields``,
-    its subsections (``rss``), then virtio's ``virtio_subsections``.
+    its subsections (``rss``, then any of ``opaque_subsections``), then virtio's
+    ``virtio_subsections``.
+
+    ``opaque_subsections`` are virtio-net subsections this version may write whose
+    content is another program's own stream with no length recorded (a vhost-user back
+    end's state): a section holding one cannot be walked, and is refused by its name.
     """
 
     section_version: int
@@ -196,12 +205,14 @@ class VirtioNetLayout:
     device_fields: tuple[DeviceField, ...]
     rss: RssLayout
     virtio_subsections: tuple[Subsection, ...]
+    opaque_subsections: tuple[str, ...] = ()
 
 
 _QUEUE_MAX_7_2 = 1024  # VIRTIO_QUEUE_MAX: the per-queue subsections cover every slot
 
 #: QEMU 7.2 (hw/net/virtio-net.c, hw/virtio/virtio.c, hw/virtio/virtio-pci.c, hw/pci/pci.c);
-#: every subsection but device_endian, broken and disabled is in tests/data/device-state.
+#: every subsection but device_endian, broken and disabled is in
+#: tests/data/device-state/7.2/.
 QEMU_7_2 = VirtioNetLayout(
     section_version=11,
     pci_version=2,
@@ -252,9 +263,24 @@ QEMU_7_2 = VirtioNetLayout(
     ),
 )
 
+#: QEMU 10.0 writes a virtio-net-pci device on a tap back end byte for byte as 7.2 does:
+#: the same section version (11), PCI, MSI-X, virtio and virtio-net fields, the same
+#: subsections with the same versions and sizes, in the same order. Evidence: every
+#: capture under tests/data/device-state/10.0/ (QEMU 10.0.2, guest Linux 6.12) walks
+#: to its footer with this layout, and the streams of a device paused before any driver
+#: equal 7.2's apart from the section id (and, behind a PCI Express port, the Extended
+#: Tag bit QEMU 10.0 now sets in the saved config space: a value, not a field).
+#: What 10.0 adds is ``virtio-net-device/backend`` (hw/net/virtio-net.c), saved after
+#: the RSS subsection only for a vhost-user back end that migrates its own state; its
+#: content is that back end's stream, so a section holding it is refused by name. 7.2
+#: has no such subsection (its binary carries no such name): a 7.2 reader would refuse
+#: the same section at that offset, only by its footer. Newer subsections such as
+#: ``virtio/128bit_features`` are not in 10.0.2.
+QEMU_10_0 = dataclasses.replace(QEMU_7_2, opaque_subsections=("virtio-net-device/backend",))
+
 #: Layouts by QEMU (major, minor) as ``query-version`` reports it; a stable release
 #: (micro) keeps its minor's migration format.
-LAYOUTS: dict[tuple[int, int], VirtioNetLayout] = {(7, 2): QEMU_7_2}
+LAYOUTS: dict[tuple[int, int], VirtioNetLayout] = {(7, 2): QEMU_7_2, (10, 0): QEMU_10_0}
 
 
 def layout_for(version: QemuVersion) -> VirtioNetLayout:

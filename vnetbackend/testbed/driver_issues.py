@@ -55,7 +55,9 @@ SHIFTED_RSS_KEY = DriverIssue(
     name="linux-6.12-shifted-rss-key",
     description="Linux 6.12's virtio_net sends its RSS command's trailer (max_tx_vq, "
                 "hash_key_length) with the struct's tail padding byte, and the key after "
-                "it: the device reads the key starting at that padding byte. The device, "
+                "it: the device reads the key starting at that padding byte (fixed "
+                "upstream by 'virtio_net: Fix misalignment bug in struct virtnet_info', "
+                "not in Debian's 6.12.95). The device, "
                 "and so every hash the guest receives, uses 00 followed by the first 39 "
                 "bytes of the key ethtool -x shows.",
     evidence="QEMU 7.2.22 and 10.0.2, guest 6.12.95+deb12: after ethtool -X hkey "
