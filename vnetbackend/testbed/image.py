@@ -16,15 +16,12 @@ from vnetbackend.qemu.installs import cache_dir
 #: The environment variable holding the default kernel series (tests, scripts).
 GUEST_KERNEL_ENV = "VNETBACKEND_GUEST_KERNEL"
 DEFAULT_SERIES = "6.1"
-#: What scripts/setup builds.
-BUILT_SERIES = ("6.1", "6.12")
 
 
 @dataclass(frozen=True, slots=True)
 class GuestImage:
     kernel: Path
     initrd: Path
-    series: str = DEFAULT_SERIES
 
 
 def chosen_series(series: str | None = None) -> str:
@@ -40,7 +37,6 @@ def find_guest_image(series: str | None = None) -> GuestImage | None:
     """The built guest of *series*, or None if scripts/build-guest has not built it (or
     not finished)."""
     directory = guest_dir(series)
-    image = GuestImage(directory / "vmlinuz", directory / "initramfs.cpio.gz",
-                       chosen_series(series))
+    image = GuestImage(directory / "vmlinuz", directory / "initramfs.cpio.gz")
     complete = (directory / "stamp").is_file()
     return image if complete and image.kernel.is_file() and image.initrd.is_file() else None
