@@ -10,7 +10,7 @@ from vnetbackend.qemu.command import DEVICE_ID
 from vnetbackend.qemu.device import find_net_device
 from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.testbed.batch import observe_batch
-from vnetbackend.testbed.driver_issues import folded_queue
+from vnetbackend.testbed.driver_issues import STALE_MAX_TX_VQ, folded_queue
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.guest import GuestOptions, boot_guest
 from vnetbackend.testbed.injector import silence_host_stack
@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.guest, pytest.mark.asyncio(loop_scope="session")]
 
 
 async def test_stale_max_tx_vq_folds_queues_beyond_the_boot_count():
+    """On a guest with the issue (Linux 6.1), frames for queues 2 and 3 arrive on 0 and 1
+    and rx queue 2 stays unused; on one without it (6.12), every queue serves its own."""
     need_guest()
     async with boot_guest(GuestOptions(queues=4, cpus=2)) as guest:
         silence_host_stack(guest.tap_name)
@@ -41,6 +43,7 @@ async def test_stale_max_tx_vq_folds_queues_beyond_the_boot_count():
     expected = [expectation(config, p.frame) for p in probes]
     assert {e.queue for e in expected} == {0, 1, 2, 3}
     seen = [records[p.l3_len, p.ethertype] for p in probes]
+    served = 2 if STALE_MAX_TX_VQ.concerns(guest.kernel_release) else 4
     assert [(r.queue, r.hash) for r in seen] == [
-        (folded_queue(e.queue, 2), e.hash) for e in expected]
-    assert rx2["used-idx"] == 0
+        (folded_queue(e.queue, served), e.hash) for e in expected]
+    assert (rx2["used-idx"] == 0) == (served == 2)

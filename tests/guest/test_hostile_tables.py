@@ -47,6 +47,12 @@ FORGED_KEY = b"\x80" * 40
 PLANT_TIMEOUT = 600.0
 
 
+#: Planting bytes sets VLAN bits, which needs an empty filter: QEMU 10.0 starts it full
+#: (qemu-configs/README.md); its reader meets the same forged streams in test_snapshot.py.
+ONLY_WITH_AN_EMPTY_VLAN_FILTER = pytest.mark.qemu_series(
+    "7.2", why="QEMU 10.0's VLAN filter starts full: a guest can only clear bits")
+
+
 def need_vlan_modules() -> None:
     """The guest image carries the VLAN modules (scripts/build-guest's test modules)."""
     need_guest()
@@ -98,6 +104,7 @@ def tap_queues(guest: Guest) -> int:
                for entry in os.listdir(f"/sys/class/net/{guest.tap_name}/queues"))
 
 
+@ONLY_WITH_AN_EMPTY_VLAN_FILTER
 async def test_a_forged_version_in_the_vlan_filter_does_not_freeze_the_reader(tmp_path):
     need_vlan_modules()
     async with boot_guest(GuestOptions(queues=QUEUES)) as guest:
@@ -120,6 +127,7 @@ async def test_a_forged_version_in_the_vlan_filter_does_not_freeze_the_reader(tm
     assert state.mac == guest.mac
 
 
+@ONLY_WITH_AN_EMPTY_VLAN_FILTER
 async def test_a_forged_subsection_in_the_vlan_filter_does_not_switch_rss_on(tmp_path):
     need_vlan_modules()
     async with boot_guest(GuestOptions(queues=QUEUES, rss=False, hash_report=False)) as guest:

@@ -14,6 +14,7 @@ from vnetbackend.qemu.departures import (
     AUTH_HEADER_LENGTH,
     DEPARTURES,
     EX_WITHOUT_EXTENSION_HEADERS,
+    EXTENSION_HEADER_CUT_BEFORE_LENGTH,
     Kind,
     departures_for,
     find_departure,
@@ -155,7 +156,8 @@ def test_each_departure_recognises_only_its_class():
                        queues=4)
     owners = {AUTH_HEADER_LENGTH: "ipv6_auth_header_tcp",
               ATOMIC_FRAGMENT: "ipv6_atomic_fragment_udp",
-              EX_WITHOUT_EXTENSION_HEADERS: None}
+              EX_WITHOUT_EXTENSION_HEADERS: None,
+              EXTENSION_HEADER_CUT_BEFORE_LENGTH: None}
     assert set(owners) == set(DEPARTURES)
     for probe in make_batch(MAC, per_class=4, seed=3):
         for departure, owner in owners.items():
@@ -166,8 +168,21 @@ def test_each_departure_recognises_only_its_class():
 def test_departures_are_told_apart_by_kind_and_version():
     assert AUTH_HEADER_LENGTH.kind is Kind.DEPARTS
     assert {ATOMIC_FRAGMENT.kind, EX_WITHOUT_EXTENSION_HEADERS.kind} == {Kind.SPEC_OPEN}
-    assert set(departures_for((7, 2, 22))) == set(DEPARTURES)
+    assert EXTENSION_HEADER_CUT_BEFORE_LENGTH.kind is Kind.SPEC_OPEN
+    assert set(departures_for((10, 0, 2))) == set(DEPARTURES)
+    assert set(departures_for((7, 2, 22))) == set(DEPARTURES) - {
+        EXTENSION_HEADER_CUT_BEFORE_LENGTH}
     assert departures_for((8, 1, 0)) == ()
+
+
+def test_only_frames_cut_before_an_extension_length_are_recognised():
+    config = RssConfig(hash_types=0x3F, key=MICROSOFT_KEY, indirection_table=range(4),
+                       queues=4)
+    for probe in make_truncated_batch(MAC, seed=4):
+        cut_one_byte_in = (probe.ethertype == 0x86DD and probe.frame[14 + 6] == 0
+                           and probe.l3_len == 41)
+        assert EXTENSION_HEADER_CUT_BEFORE_LENGTH.recognises(config, probe.frame) == (
+            cut_one_byte_in), probe.frame.hex()
 
 
 @pytest.mark.parametrize("types", [HashType.TCPV6 | HashType.TCP_EX | HashType.IPV6,

@@ -222,8 +222,41 @@ EX_WITHOUT_EXTENSION_HEADERS = Departure(
     qemu_steer=_ex_without_extension_headers_steer,
 )
 
+def _cut_before_extension_length(_: RssConfig, frame: bytes) -> bool:
+    """An IPv6 frame that ends one byte into an extension header: its next-header byte
+    is there, its length byte is not."""
+    parsed = parse_frame(frame)
+    if parsed.ip_version != 6 or outer_ethertype(frame) != ETH_P_IPV6:
+        return False
+    next_header, pos = frame[parsed.l3_offset + 6], parsed.l3_offset + 40
+    while next_header in IPV6_EXT_HEADERS and pos + 2 <= len(frame):
+        next_header, pos = frame[pos], pos + (frame[pos + 1] + 1) * 8
+    return next_header in IPV6_EXT_HEADERS and len(frame) - pos == 1
+
+
+def _not_hashed(config: RssConfig, _: bytes) -> Steering:
+    return Steering(0, HashReport.NONE, config.unclassified_queue, b"")
+
+
+EXTENSION_HEADER_CUT_BEFORE_LENGTH = Departure(
+    name="ipv6-extension-header-cut-before-length",
+    kind=Kind.SPEC_OPEN,
+    frame_class="IPv6 frame ending one byte into an extension header",
+    spec="the specification says nothing of malformed packets; the model hashes an IPv6 "
+         "packet whose extension chain is cut by its IPv6 addresses (IPv6)",
+    qemu="QEMU 10.0 does not take the packet for IPv6 at all: no hash, report NONE, "
+         "the default queue (QEMU 7.2 hashes the addresses, as the model does)",
+    evidence="ipv6_truncated_ext_udp cut one byte into its hop-by-hop header (L3 length "
+             "41): on QEMU 10.0.2 the guest saw hash 0 on queue 0; on 7.2.22 the model's "
+             "IPv6 hash. Cut 2 to 15 bytes in, both versions agree with the model",
+    seen_on=((10, 0),),
+    recognises=_cut_before_extension_length,
+    qemu_steer=_not_hashed,
+)
+
 DEPARTURES: tuple[Departure, ...] = (AUTH_HEADER_LENGTH, ATOMIC_FRAGMENT,
-                                     EX_WITHOUT_EXTENSION_HEADERS)
+                                     EX_WITHOUT_EXTENSION_HEADERS,
+                                     EXTENSION_HEADER_CUT_BEFORE_LENGTH)
 
 
 def departures_for(qemu_version: Sequence[int]) -> tuple[Departure, ...]:

@@ -69,6 +69,21 @@ SHIFTED_RSS_KEY = DriverIssue(
 )
 
 
+RSS_OFF_AFTER_SET_CHANNELS = DriverIssue(
+    name="linux-6.1-rss-off-after-set-channels",
+    description="ethtool -L makes Linux 6.1's virtio_net send VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, "
+                "on which QEMU switches RSS off, and 6.1 does not send its RSS "
+                "configuration again: RSS stays off until the next ethtool -X. Linux 6.12 "
+                "sends it again (with a table over the new channel count).",
+    evidence="QEMU 7.2.22 with 6.1.192: after ethtool -L combined 2 the device state "
+             "holds no RSS subsection; QEMU 10.0.2 with 6.12.95: RSS on, the table over "
+             "queues 0 and 1",
+    workaround="a test that wants RSS switched off by the guest uses ethtool -L on a "
+               "guest with this issue; on others, -L keeps RSS on",
+    seen_on=((6, 1),),
+)
+
+
 def device_key(guest_key: bytes, kernel_release: str) -> bytes:
     """The key the device holds when the guest's ethtool shows *guest_key*."""
     if SHIFTED_RSS_KEY.concerns(kernel_release):
