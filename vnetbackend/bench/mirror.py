@@ -11,9 +11,12 @@ the mirror did not record exactly one latency per change.
 Percentiles are nearest-rank: with fewer than 100 changes ``p99_ms`` would be the
 maximum, one sample. The default of 200 changes makes it the second-largest; the
 maximum is reported beside it. ``stages_ms`` gives p50 and p99 of each stage of a
-change (`vnetbackend.mirror.MirrorStatus`): the trace line seen, the snapshot's QMP
-round trip (the VM's pause is inside it), reading and parsing the stream, the map
-writes and the attach.
+change (`vnetbackend.mirror.MirrorStatus`), which add up to its latency: the trace line
+seen (``trace-seen``), the snapshot command until QEMU's ``STOP`` (``qmp-request``), the
+VM's pause by QEMU's own times (``vm-pause``), ``RESUME`` heard (``qmp-resume``),
+reading and parsing the stream (``read``, ``parse``), the validated configuration with
+its Toeplitz tables (``validate``), the map writes (``maps``) and the attach
+(``attach``). ``syncs`` counts the snapshots taken for the changes: one each.
 """
 
 from __future__ import annotations
