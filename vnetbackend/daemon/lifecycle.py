@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import logging
 import os
 import signal
@@ -104,6 +105,9 @@ class Daemon:
     _covered_until: float = float("-inf")
 
     def __post_init__(self) -> None:
+        # The daemon hears QEMU's events through listeners of its own (the snapshot's
+        # STOP/RESUME); the client's default listener would keep every one forever.
+        self.qmp.events.event_filter = _no_event
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
                              self.publish)
         self.checker = HashChecker(self.publish)
@@ -118,6 +122,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        # What exists now (bcc, the program, the clients) lives as long as the daemon:
+        # the collector's full passes skip it, which keeps them short on the mirror's path.
+        gc.freeze()
         removal = RemovalWatch(self.tap_name)
         watchers = {
             asyncio.create_task(self._stop.wait()): Ending.REQUESTED,
@@ -289,6 +296,10 @@ class _Backoff:
     async def wait(self) -> None:
         await asyncio.sleep(self._delay)
         self._delay = min(2 * self._delay, RETRY_LAST_S)
+
+
+def _no_event(_event: object) -> bool:
+    return False
 
 
 def _describe(task: asyncio.Task[Any]) -> str:
