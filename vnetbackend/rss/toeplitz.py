@@ -37,14 +37,15 @@ def build_tables(key: bytes, width: int = MAX_HASH_INPUT) -> ByteTables:
     key_int = int.from_bytes(key.ljust(key_bits // 8, b"\0"), "big")
     by_value = [0]
     for bit in range(7, -1, -1):  # the value's least significant bit first
+        shift = key_bits - 32 - bit  # of the window at position 0 (see `_window`)
         bit_at_positions = 0
         for position in range(width):
-            window = _window(key_int, key_bits, position * 8 + bit)
+            window = (key_int >> (shift - 8 * position)) & 0xFFFFFFFF
             bit_at_positions |= window << (32 * position)
         by_value += [v ^ bit_at_positions for v in by_value]
     words = memoryview(b"".join([v.to_bytes(4 * width, sys.byteorder) for v in by_value]))
-    flat = words.cast("I").tolist()
-    return tuple(tuple(flat[position::width]) for position in range(width))
+    words = words.cast("I")
+    return tuple(tuple(words[position::width]) for position in range(width))
 
 
 @functools.lru_cache(maxsize=64)
