@@ -15,10 +15,9 @@ failed or timed-out QMP call, a QEMU stopped and resumed, a guest that declines 
 published as an event and the daemon keeps going: a failed sync is tried again, with a
 growing delay, until QEMU answers.
 
-Trace lines that QEMU wrote before a snapshot paused the VM are covered by that
-snapshot (a vCPU writes them while handling the guest's command, and the state is saved
-once the vCPUs are paused; see `DeviceStateReader.covers_until`), so the lines of one
-guest command cost one sync, also when the second is read while the snapshot runs.
+Trace lines that QEMU stamped before a snapshot paused the VM are covered by that
+snapshot (see `DeviceStateReader.covers_until`), so the lines of one guest command cost
+one sync, also when the second is read while the snapshot runs.
 """
 
 from __future__ import annotations
