@@ -105,7 +105,8 @@ class Mirror:
         """
         self.status.syncs += 1
         # No collection on the mirror's path: one of the collector's passes costs
-        # ~0.5-2 ms here (measured), so it waits until the program is attached.
+        # ~0.5-2 ms here (measured), so it waits until the program is attached (or, with
+        # a QEMU that does not answer, at most the QMP time limit).
         collecting = gc.isenabled()
         gc.disable()
         try:
