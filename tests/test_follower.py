@@ -25,6 +25,18 @@ def test_trace_lines_are_parsed() -> None:
     assert parse_trace_line("garbage \x00\xff") is None
 
 
+def test_qemu_10_trace_lines_are_parsed() -> None:
+    """Lines as QEMU 10.0.2 wrote them (-trace 'virtio_net_rss_*'): it names the device
+    first, and adds events of its own eBPF RSS, which are not RSS commits."""
+    enable = parse_trace_line(
+        "virtio_net_rss_enable nic=0x5572b631ab90 hashes 0x3f, table of 128, key of 40")
+    assert enable is not None
+    assert (enable.kind, enable.hash_types, enable.table_length, enable.key_length) == (
+        "enable", 0x3F, 128, 40)
+    assert parse_trace_line("virtio_net_rss_attach_ebpf nic=0x5572b6307850 prog-fd=-1") is None
+    assert parse_trace_line("virtio_net_rss_load nic=0x5572b631ab90 nfds=0 fds=(nil)") is None
+
+
 async def test_follower_yields_lines_as_they_are_appended(tmp_path: Path) -> None:
     log = tmp_path / "trace.log"
     log.write_text("1@1.000001:virtio_net_rss_disable \n")

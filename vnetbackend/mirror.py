@@ -32,6 +32,7 @@ attached it again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -58,8 +59,10 @@ class MirrorStatus:
     off), ``state`` the device state it came from, ``active_queue_pairs`` the pairs the
     device served at the last snapshot. ``last_stages_ms`` says where the last good sync
     spent its time: ``trace-seen`` (QEMU's trace line to the sync's start), the
-    reader's stages, ``maps`` (writing them) and ``attach``. ``refusal`` describes the last state
-    refused, ``failure`` the last failed sync while it has not been recovered from.
+    reader's stages (`DeviceStateReader.last_stages_ms`), ``validate`` (the
+    `RssConfig`, its Toeplitz tables included), ``maps`` (writing them) and ``attach``.
+    ``refusal`` describes the last state refused, ``failure`` the last failed sync while
+    it has not been recovered from.
     """
 
     rss: RssConfig | None = None
@@ -96,9 +99,29 @@ class Mirror:
         """Bring the program in line with the device now; *cause* dates the change.
 
         True when the program holds what the device holds, or the configuration in force
-        after a refusal; False when the sync failed and should be tried again.
+        after a refusal; False when the sync failed and should be tried again. The
+        program may be attached before QEMU's reply to the snapshot command arrives
+        (see `DeviceStateReader`); a sync is only done once that reply is a success.
         """
         self.status.syncs += 1
+        # No collection on the mirror's path: one of the collector's passes costs
+        # ~0.5-2 ms here (measured), so it waits until the program is attached (or, with
+        # a QEMU that does not answer, at most the QMP time limit).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            done = await self._sync(cause)
+        finally:
+            if collecting:
+                gc.enable()
+        try:
+            await self._reader.confirm()
+        except QemuCallFailed as err:
+            self.note_failure("snapshot", err)
+            return False
+        return done
+
+    async def _sync(self, cause: RssTraceEvent | None) -> bool:
         started = time.time()
         try:
             device = await self._reader.read(self._device)
@@ -107,13 +130,15 @@ class Mirror:
             return False
         state = device.rss
         self.status.active_queue_pairs = device.curr_queue_pairs
+        validated = time.perf_counter()
         try:
             config = (state.to_config(device.curr_queue_pairs) if state and state.enabled
                       else None)
         except InvalidRssConfig as err:
             self._refuse(err, cause)
             return self._keep_in_force()
-        stages = dict(self._reader.last_stages_ms)
+        stages = {**self._reader.last_stages_ms,
+                  "validate": _ms(time.perf_counter() - validated)}
         if cause is not None and cause.at is not None:
             stages = {"trace-seen": _ms(started - cause.at), **stages}
         try:

@@ -26,7 +26,10 @@ def test_bench_mirror_prints_one_latency_per_change() -> None:
     figures = json.loads(result.stdout)
     assert figures["benchmark"] == "mirror"
     assert figures["changes"] == CHANGES
-    assert figures["syncs"] >= CHANGES
+    assert figures["syncs"] == CHANGES  # one snapshot per guest command
+    # QEMU 7.2 says STOP and RESUME around the snapshot: its pause is measured apart.
+    assert {"trace-seen", "qmp-request", "vm-pause", "qmp-resume", "read", "parse",
+            "validate", "maps", "attach"} <= set(figures["stages_ms"])
     assert figures["boot_s"] > 0
     assert 0 < figures["min_ms"] <= figures["p50_ms"] <= figures["p90_ms"] <= figures["p99_ms"]
     assert figures["p99_ms"] <= figures["max_ms"]

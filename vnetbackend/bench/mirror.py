@@ -11,9 +11,12 @@ the mirror did not record exactly one latency per change.
 Percentiles are nearest-rank: with fewer than 100 changes ``p99_ms`` would be the
 maximum, one sample. The default of 200 changes makes it the second-largest; the
 maximum is reported beside it. ``stages_ms`` gives p50 and p99 of each stage of a
-change (`vnetbackend.mirror.MirrorStatus`): the trace line seen, the snapshot's QMP
-round trip (the VM's pause is inside it), reading and parsing the stream, the map
-writes and the attach.
+change (`vnetbackend.mirror.MirrorStatus`), which add up to its latency: the trace line
+seen (``trace-seen``), the snapshot command until QEMU's ``STOP`` (``qmp-request``), the
+VM's pause by QEMU's own times (``vm-pause``), ``RESUME`` heard (``qmp-resume``),
+reading and parsing the stream (``read``, ``parse``), the validated configuration with
+its Toeplitz tables (``validate``), the map writes (``maps``) and the attach
+(``attach``). ``syncs`` counts the snapshots taken for the changes: one each.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from vnetbackend.choices import add_platform_options
 from vnetbackend.daemon import launch
 from vnetbackend.daemon.lifecycle import Daemon
 from vnetbackend.errors import VnetError
 from vnetbackend.testbed.ethtool import DEVICE, GuestRss
 from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest
+from vnetbackend.testbed.platform import Platform
 
 #: How long the daemon may take to show the effect of one agent call.
 EVENT_TIMEOUT = 60.0
@@ -59,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="changes sent back to back in one guest agent call; 1 waits "
                              "for each change to be mirrored before the next "
                              "(default: %(default)s)")
+    add_platform_options(parser, guest=True)
 
 
 def _change_count(text: str) -> int:
@@ -147,7 +153,9 @@ async def serving_daemon(guest: Guest, scratch: Path) -> AsyncIterator[tuple[Dae
 async def _run(args: argparse.Namespace) -> dict[str, object]:
     if args.per_call < 1:
         raise MirrorBenchError(f"--per-call must be at least 1, got {args.per_call}")
-    options = GuestOptions(queues=args.queues, extra_args=("-msg", "timestamp=on"))
+    qemu, image = await Platform.from_args(args).resolve()
+    options = GuestOptions(queues=args.queues, extra_args=("-msg", "timestamp=on"),
+                           qemu=qemu.binary, image=image)
     with tempfile.TemporaryDirectory(prefix=f"vnet-bench-mirror-{os.getpid()}-") as scratch:
         async with boot_guest(options) as guest:
             # With rxhash on the driver has sent its first RSS command: the program attaches.
@@ -171,6 +179,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
                 syncs = status.syncs - syncs_before
     return {
         "benchmark": "mirror",
+        "qemu_version": qemu.version_text,
+        "guest_kernel": guest.kernel_release,
         "queues": args.queues,
         "boot_s": round(guest.boot_seconds, 2),
         "changes": len(latencies),

@@ -15,9 +15,9 @@ failed or timed-out QMP call, a QEMU stopped and resumed, a guest that declines 
 published as an event and the daemon keeps going: a failed sync is tried again, with a
 growing delay, until QEMU answers.
 
-Trace lines that QEMU wrote before a snapshot was asked for are covered by that
-snapshot (QEMU writes them while handling the guest's command, under the lock the
-snapshot also needs), so the lines of one guest command cost one sync.
+Trace lines that QEMU stamped before a snapshot paused the VM are covered by that
+snapshot (see `DeviceStateReader.covers_until`), so the lines of one guest command cost
+one sync, also when the second is read while the snapshot runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import logging
 import os
 import signal
@@ -95,13 +96,18 @@ class Daemon:
     negotiated: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     mirror: Mirror = field(init=False)
-    #: A sync is owed (a notice came, or the last sync failed); its first cause.
+    #: A sync is owed (a notice came, or the last sync failed); its first cause, and the
+    #: time of its newest (infinite when one had no time).
     _owed: asyncio.Event = field(default_factory=asyncio.Event)
     _owed_cause: RssTraceEvent | None = None
-    #: Wall-clock time at which the newest sync asked QEMU for its snapshot.
-    _snapshot_asked: float = float("-inf")
+    _owed_newest: float = float("-inf")
+    #: Wall-clock time before which QEMU's trace lines are covered by a snapshot taken.
+    _covered_until: float = float("-inf")
 
     def __post_init__(self) -> None:
+        # The daemon hears QEMU's events through listeners of its own (the snapshot's
+        # STOP/RESUME); the client's default listener would keep every one forever.
+        self.qmp.events.event_filter = _no_event
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
                              self.publish)
         self.checker = HashChecker(self.publish,
@@ -117,6 +123,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        # What exists now (bcc, the program, the clients) lives as long as the daemon:
+        # the collector's full passes skip it, which keeps them short on the mirror's path.
+        gc.freeze()
         removal = RemovalWatch(self.tap_name)
         watchers = {
             asyncio.create_task(self._stop.wait()): Ending.REQUESTED,
@@ -199,17 +208,20 @@ class Daemon:
 
     def _notice(self, event: RssTraceEvent | None) -> None:
         """A guest command was committed: QEMU has detached the program and a sync is
-        owed, unless a snapshot asked for after QEMU wrote *event* covers it."""
-        if event is not None and event.at is not None and event.at < self._snapshot_asked:
+        owed, unless a snapshot taken after QEMU wrote *event* covers it."""
+        if event is not None and event.at is not None and event.at <= self._covered_until:
             return
         self.mirror.qemu_detached()
         self._owe_sync(event)
 
     def _owe_sync(self, cause: RssTraceEvent | None) -> None:
         """Have the device read again (the first cause dates the change)."""
+        at = cause.at if cause is not None and cause.at is not None else float("inf")
         if not self._owed.is_set():
-            self._owed_cause = cause
+            self._owed_cause, self._owed_newest = cause, at
             self._owed.set()
+        else:
+            self._owed_newest = max(self._owed_newest, at)
 
     async def _sync_when_owed(self) -> None:
         """Sync each time one is owed; after a failure, again after a growing delay."""
@@ -218,9 +230,14 @@ class Daemon:
             await self._owed.wait()
             self._owed.clear()
             cause, self._owed_cause = self._owed_cause, None
-            self._snapshot_asked = time.time()
+            self._covered_until = time.time()
+            synced = await self.mirror.sync(cause)
+            if synced:
+                self._covered_until = max(self._covered_until, self.state_reader.covers_until)
+                if self._owed.is_set() and self._owed_newest <= self._covered_until:
+                    self._owed.clear()  # what QEMU wrote while the snapshot ran is in it
             # A control command means the driver is up: have its features current too.
-            if await self.mirror.sync(cause) and await self._read_features():
+            if synced and await self._read_features():
                 retry.reset()
                 continue
             await retry.wait()
@@ -280,6 +297,10 @@ class _Backoff:
     async def wait(self) -> None:
         await asyncio.sleep(self._delay)
         self._delay = min(2 * self._delay, RETRY_LAST_S)
+
+
+def _no_event(_event: object) -> bool:
+    return False
 
 
 def _describe(task: asyncio.Task[Any]) -> str:

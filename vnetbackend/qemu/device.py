@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp.message import Message
 
 from vnetbackend.errors import VnetError
 from vnetbackend.qemu.qmp import QemuCallFailed, QemuReplyError, call, reply_field
@@ -24,6 +26,9 @@ VIRTIO_NET = "virtio-net"
 STATE_FILE_NAME = "vnetbackend-device-state"
 #: A device-state stream larger than this is refused (a virtio-net guest's: ~90 KB).
 MAX_STATE_BYTES = 16 << 20
+#: How far QEMU's event times may stray outside the daemon's own before and after a
+#: snapshot (both read the same wall clock; QEMU's to the microsecond).
+CLOCK_SLACK_S = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,41 @@ async def _reply_list(qmp: QMPClient, command: str) -> list[object]:
     return reply
 
 
+class _PauseClock(EventListener):
+    """QEMU's ``STOP`` and ``RESUME`` events, as (name, QEMU's wall-clock time) in the
+    order heard, since the last `take`. Only that is kept: a listener of qemu.qmp's own
+    keeps every event it ever heard."""
+
+    def __init__(self) -> None:
+        super().__init__(("STOP", "RESUME"))
+        self._heard: list[tuple[str, float | None]] = []
+        #: Set once a ``STOP`` and then a ``RESUME`` were heard since the last `take`.
+        self.stopped_and_resumed = asyncio.Event()
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            self._heard.append((event["event"], _event_time(event)))
+            if [name for name, _ in self._heard[:2]] == ["STOP", "RESUME"]:
+                self.stopped_and_resumed.set()
+
+    def take(self) -> list[tuple[str, float | None]]:
+        heard, self._heard = self._heard, []
+        self.stopped_and_resumed.clear()
+        return heard
+
+
+def _event_time(event: Message) -> float | None:
+    """The time QEMU stamped on *event*, or None when it is not the documented
+    ``{seconds, microseconds}`` of integers."""
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, dict):
+        return None
+    seconds, micros = stamp.get("seconds"), stamp.get("microseconds")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seconds, micros)):
+        return None
+    return seconds + micros / 1e6
+
+
 class DeviceStateReader:
     """Takes device-state snapshots of one QEMU and reads a device's RSS state from them.
 
@@ -90,6 +130,24 @@ class DeviceStateReader:
     not take it), leaving takes it back (``remove-fd``) and closes it. The stream's layout
     depends on *qemu_version* (see `query_qemu_version`) and on *max_queue_pairs*, the
     device's number of queue pairs (its tap queues). One snapshot at a time.
+
+    QEMU stops a running VM for the snapshot and says so: a ``STOP`` event once its
+    vCPUs are paused, before the state is saved, and ``RESUME`` after, both before the
+    command's reply and stamped with QEMU's wall-clock time (as its trace lines are).
+    QEMU handles a guest's control command, trace lines included, in one go on a vCPU
+    or on its main loop (with an ioeventfd: QEMU 7.2 under TCG does it there), and the
+    main loop runs the snapshot command in one go too, so a line stamped before
+    ``STOP`` belongs to a command whose effect is in the state saved after it. When
+    exactly one such pair falls within the command's round trip, ``covers_until`` is
+    the ``STOP`` time; otherwise (the VM was not running, or another client stopped it
+    meanwhile) it is the time the snapshot was asked for, which is always covered.
+
+    QEMU writes and closes the file before it resumes the VM, and says ``RESUME`` before
+    it resumes the vCPUs and answers the command. `read` therefore reads the stream as
+    soon as it hears ``RESUME`` after ``STOP``, while QEMU finishes the command; the
+    reply is awaited by `confirm` (and before the next snapshot). Should that early
+    stream not read (the pair was another client's ``stop`` and ``cont``), the reply is
+    awaited and the file read again.
     """
 
     def __init__(self, qmp: QMPClient, qemu_version: tuple[int, int, int],
@@ -97,9 +155,19 @@ class DeviceStateReader:
         self._qmp = qmp
         self._qemu_version = qemu_version
         self._max_queue_pairs = max_queue_pairs
-        #: Where the last `read` spent its time, in ms: ``snapshot`` (the QMP round trip,
-        #: the VM's pause inside it), ``read`` (the file), ``parse`` (the walk).
+        #: Where the last `read` spent its time, in ms. The command's round trip, as far
+        #: as the read waited on it, in three: ``qmp-request`` (asked for, to QEMU's
+        #: ``STOP``: the command sent, read and dispatched by QEMU, and the vCPUs
+        #: paused), ``vm-pause`` (``STOP`` to ``RESUME``, QEMU's own times: the state
+        #: saved) and ``qmp-resume`` (``RESUME``, or the reply, heard); or all of it as
+        #: ``snapshot`` when QEMU's pause was not seen. Then ``read`` (the file) and
+        #: ``parse`` (the walk).
         self.last_stages_ms: dict[str, float] = {}
+        #: Wall-clock time up to which a trace line's command is in the last snapshot.
+        self.covers_until = float("-inf")
+        self._pauses = _PauseClock()
+        #: The snapshot command while its reply has not been taken (`confirm`).
+        self._saving: asyncio.Future[object] | None = None
         self._file = -1
         self._writer = -1
         self._fdset: int | None = None
@@ -124,10 +192,15 @@ class DeviceStateReader:
         except BaseException:
             self._close_fds()
             raise
+        self._qmp.register_listener(self._pauses)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._qmp.remove_listener(self._pauses)
+        if self._saving is not None:
+            self._saving.cancel()
+            self._saving = None
         try:
             if self._fdset is not None:
                 with contextlib.suppress(QemuCallFailed):  # QEMU may be gone already
@@ -143,21 +216,73 @@ class DeviceStateReader:
         self._writer = self._file = -1
 
     async def snapshot(self) -> bytes:
-        """QEMU's device-state stream now.
+        """QEMU's device-state stream now, once QEMU answered the command.
 
         Raises `QemuCallFailed` when QEMU does not take the snapshot and `SnapshotError`
         when it wrote more than `MAX_STATE_BYTES`.
         """
+        await self._save()
+        await self.confirm()
+        return self._stream()
+
+    async def read(self, device: NetDevice) -> DeviceState:
+        """*device* as QEMU holds it now: its RSS state and active queue pairs.
+
+        Raises `QemuCallFailed` when QEMU does not take the snapshot and
+        `vnetbackend.qemu.snapshot.SnapshotError` when the snapshot cannot be read. The
+        command's reply may still be on its way: `confirm` takes it.
+        """
+        early = not await self._save()
+        try:
+            return self._parse(self._stream(), device)
+        except SnapshotError:
+            if not early:
+                raise
+        await self.confirm()
+        return self._parse(self._stream(), device)
+
+    async def confirm(self) -> None:
+        """Take the reply to the last snapshot command, if not taken yet.
+
+        Raises `QemuCallFailed` when it is not a success.
+        """
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            await saving
+
+    async def _save(self) -> bool:
+        """Have QEMU write its device state into the file; True once it answered, False
+        once it only resumed the VM (the stream is written, the reply is outstanding)."""
+        await self.confirm()
         if self._fdset is None:
             raise QemuCallFailed("xen-save-devices-state", "QEMU holds no file for it "
                                  "(enter the DeviceStateReader first)")
         # QEMU writes at the offset of the open file it shares with self._writer.
         os.ftruncate(self._writer, 0)
         os.lseek(self._writer, 0, os.SEEK_SET)
-        asked = time.perf_counter()
-        await call(self._qmp, "xen-save-devices-state",
-                   {"filename": f"/dev/fdset/{self._fdset}", "live": False})
-        self.last_stages_ms = {"snapshot": _ms_since(asked)}
+        self._pauses.take()
+        asked = time.time()
+        saving = asyncio.ensure_future(call(
+            self._qmp, "xen-save-devices-state",
+            {"filename": f"/dev/fdset/{self._fdset}", "live": False}))
+        resumed = asyncio.ensure_future(self._pauses.stopped_and_resumed.wait())
+        try:
+            await asyncio.wait((saving, resumed), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            saving.cancel()
+            raise
+        finally:
+            resumed.cancel()
+        answered = saving.done()
+        self.last_stages_ms = self._time_snapshot(asked, time.time())
+        if answered:
+            saving.result()
+        else:
+            self._saving = saving
+        return answered
+
+    def _stream(self) -> bytes:
+        """What the file holds."""
         read = time.perf_counter()
         size = os.fstat(self._file).st_size
         if size > MAX_STATE_BYTES:
@@ -170,22 +295,35 @@ class DeviceStateReader:
         self.last_stages_ms["read"] = _ms_since(read)
         return stream
 
-    async def read(self, device: NetDevice) -> DeviceState:
-        """*device* as QEMU holds it now: its RSS state and active queue pairs.
-
-        Raises `QemuCallFailed` when QEMU does not take the snapshot and
-        `vnetbackend.qemu.snapshot.SnapshotError` when the snapshot cannot be read.
-        """
-        stream = await self.snapshot()
+    def _parse(self, stream: bytes, device: NetDevice) -> DeviceState:
         parse = time.perf_counter()
         state = read_device_state(stream, device.pci_address, self._qemu_version,
                                   self._max_queue_pairs)
         self.last_stages_ms["parse"] = _ms_since(parse)
         return state
 
+    def _time_snapshot(self, asked: float, seen: float) -> dict[str, float]:
+        """Set `covers_until` for the snapshot asked for at *asked* and seen done (reply
+        or ``RESUME``) at *seen*; its stages."""
+        heard = self._pauses.take()
+        stop, resume = (heard[0][1], heard[1][1]) if len(heard) >= 2 else (None, None)
+        if ([name for name, _ in heard] == ["STOP", "RESUME"] and stop is not None
+                and resume is not None
+                and asked - CLOCK_SLACK_S <= stop <= resume <= seen + CLOCK_SLACK_S):
+            self.covers_until = max(asked, stop)
+            return {"qmp-request": _ms(max(0.0, stop - asked)),
+                    "vm-pause": _ms(resume - stop),
+                    "qmp-resume": _ms(max(0.0, seen - resume))}
+        self.covers_until = asked
+        return {"snapshot": _ms(seen - asked)}
+
 
 def _ms_since(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
+    return _ms(time.perf_counter() - start)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 async def query_qemu_version(qmp: QMPClient) -> tuple[int, int, int]:

@@ -8,8 +8,11 @@ to a file once per RSS command the guest sends::
     1234@1700000000.323456:virtio_net_rss_error Invalid key size, value 0x00000050
 
 `TraceFollower` tails that file without polling (inotify wakes it) and yields one
-`RssTraceEvent` per line. The events say *that* the configuration changed; what it
-changed to is read from the device itself (see `vnetbackend.qemu.snapshot`).
+`RssTraceEvent` per line. It reads in the event loop itself: a read of a file that
+QEMU only appends to, bounded below, takes microseconds, while handing each read to a
+thread costs the mirror's path hundreds of them. The events say *that* the
+configuration changed; what it changed to is read from the device itself (see
+`vnetbackend.qemu.snapshot`).
 
 The file's size is bounded whatever the guest does: once everything in it was read and
 it holds more than ``max_bytes``, the follower cuts it back to empty. QEMU writes it with
@@ -29,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import aiofiles
 from qemu.qmp import QMPClient
 
 from vnetbackend.filewatch import FileWatch
@@ -39,12 +41,15 @@ from vnetbackend.qemu.qmp import call, reply_field
 TRACE_EVENTS = "virtio_net_rss_*"
 #: The size past which a fully read trace log is cut back to empty.
 MAX_TRACE_LOG_BYTES = 1 << 20
+#: The most one read of the log takes.
+READ_CHUNK_BYTES = 64 << 10
 _LINE = re.compile(
     r"^(?:(?P<pid>\d+)@(?P<sec>\d+)\.(?P<usec>\d{6}):)?virtio_net_rss_"
     r"(?P<kind>enable|disable|error)\b ?(?P<args>.*)$"
 )
-_ENABLE_ARGS = re.compile(r"hashes 0x(?P<hashes>[0-9a-f]+), table of (?P<table>\d+), "
-                          r"key of (?P<key>\d+)")
+#: QEMU 10.0 names the device first (``nic=0x...``); 7.2 does not.
+_ENABLE_ARGS = re.compile(r"(?:nic=0x[0-9a-f]+ )?hashes 0x(?P<hashes>[0-9a-f]+), "
+                          r"table of (?P<table>\d+), key of (?P<key>\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,37 +98,44 @@ class TraceFollower:
         self._from_start = from_start
         self._max_bytes = max_bytes
         self._watch: FileWatch | None = None
-        self._file: aiofiles.threadpool.binary.AsyncBufferedReader | None = None
+        self._fd = -1
 
     async def __aenter__(self) -> TraceFollower:
-        self._file = await aiofiles.open(self.path, "r+b", opener=_no_follow)
-        self._watch = FileWatch(self.path)
+        self._fd = _no_follow(str(self.path), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._watch = FileWatch(self.path)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
         if not self._from_start:
-            await self._file.seek(0, 2)
+            os.lseek(self._fd, 0, os.SEEK_END)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._watch is not None:
             self._watch.close()
-        if self._file is not None:
-            await self._file.close()
+            self._watch = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __aiter__(self) -> AsyncIterator[RssTraceEvent]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[RssTraceEvent]:
-        assert self._file is not None and self._watch is not None, \
+        assert self._fd >= 0 and self._watch is not None, \
             "use TraceFollower as an async context manager"
         partial = b""
         while True:
             self._watch.written.clear()
-            chunk = await self._file.read()
+            chunk = os.read(self._fd, READ_CHUNK_BYTES)
             if not chunk:
-                size = await self._file.tell()
+                size = os.lseek(self._fd, 0, os.SEEK_CUR)
                 if not partial and size > self._max_bytes:
-                    await self._file.truncate(0)
-                    await self._file.seek(0)
+                    os.ftruncate(self._fd, 0)
+                    os.lseek(self._fd, 0, os.SEEK_SET)
                     yield RssTraceEvent("truncated", None, f"trace log cut back from {size} "
                                                            "bytes")
                     continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 from collections.abc import Sequence
 
 from vnetbackend.rss.types import MAX_HASH_INPUT
@@ -23,19 +24,28 @@ def _window(key_int: int, key_bits: int, pos: int) -> int:
 
 
 def build_tables(key: bytes, width: int = MAX_HASH_INPUT) -> ByteTables:
-    """Per-position byte tables for *key*, covering inputs up to *width* bytes."""
+    """Per-position byte tables for *key*, covering inputs up to *width* bytes.
+
+    Built for all positions at once, since a new key is on the mirror's path: each
+    byte value v gets one integer holding its hash at every position, 32 bits a
+    position. That integer is linear in v, so the 256 of them are XORs of the 8
+    integers of the single bits (each doubling of the list XORs one bit's integer into
+    the values so far). Their bytes, read as 32-bit words, are the tables in
+    value-major order.
+    """
     key_bits = max(len(key), width + 4) * 8
     key_int = int.from_bytes(key.ljust(key_bits // 8, b"\0"), "big")
-    tables = []
-    for position in range(width):
-        bit_windows = [_window(key_int, key_bits, position * 8 + bit) for bit in range(8)]
-        table = [0] * 256
-        for value in range(1, 256):
-            low = value & -value
-            bit = 7 - (low.bit_length() - 1)
-            table[value] = table[value ^ low] ^ bit_windows[bit]
-        tables.append(tuple(table))
-    return tuple(tables)
+    by_value = [0]
+    for bit in range(7, -1, -1):  # the value's least significant bit first
+        shift = key_bits - 32 - bit  # of the window at position 0 (see `_window`)
+        bit_at_positions = 0
+        for position in range(width):
+            window = (key_int >> (shift - 8 * position)) & 0xFFFFFFFF
+            bit_at_positions |= window << (32 * position)
+        by_value += [v ^ bit_at_positions for v in by_value]
+    words = memoryview(b"".join([v.to_bytes(4 * width, sys.byteorder) for v in by_value]))
+    words = words.cast("I")
+    return tuple(tuple(words[position::width]) for position in range(width))
 
 
 @functools.lru_cache(maxsize=64)
