@@ -225,10 +225,11 @@ async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
 
 @contextlib.asynccontextmanager
 async def launched_vm(options: RunOptions, programs: ProgramSource, publish: EventSink,
-                      ) -> AsyncIterator[Daemon]:
+                      version: tuple[int, int, int] | None = None) -> AsyncIterator[Daemon]:
     """One VM's daemon with its own tap, program instance (from *programs*) and QEMU,
     publishing to *publish*; `Daemon.serve` it. On the way out QEMU is stopped, the
-    program closed and the tap deleted.
+    program closed and the tap deleted. *version* is the QEMU binary's, if the caller
+    has read it already.
 
     Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses (before any
     path is built from it), `vnetbackend.daemon.privileges.PrivilegeError` for a QEMU
@@ -238,7 +239,7 @@ async def launched_vm(options: RunOptions, programs: ProgramSource, publish: Eve
     """
     tap.check_name(options.tap_name)
     user = qemu_user(options.qemu_user)
-    version = await qemu_version(options.qemu_binary)
+    version = version or await qemu_version(options.qemu_binary)
     with RunDir.open(options.run_dir) as run_dir:
         await asyncio.to_thread(tap.create_tap, options.tap_name)
         try:

@@ -46,7 +46,7 @@ from vnetbackend.daemon.qmp_server import Param, QmpCommandError, QmpServer
 from vnetbackend.daemon.run_dir import RUN_ROOT
 from vnetbackend.errors import VnetError
 from vnetbackend.qemu.command import DEVICE_ID
-from vnetbackend.qemu.process import QEMU_BINARY
+from vnetbackend.qemu.process import QEMU_BINARY, qemu_version
 from vnetbackend.steering.instances import ProgramSource
 
 log = logging.getLogger("vnetbackend.serve")
@@ -237,7 +237,11 @@ def _strings(name: str, value: list[Any]) -> tuple[str, ...]:
 
 def register_vm_commands(server: QmpServer, registry: VmRegistry, programs: ProgramSource,
                          options: ServeOptions) -> None:
-    """``vnet-add-vm``, ``vnet-remove-vm`` and ``query-vnet-vms`` on *server*."""
+    """``vnet-add-vm``, ``vnet-remove-vm`` and ``query-vnet-vms`` on *server*.
+
+    The QEMU binary's version is read at the first launch and kept (a binary replaced
+    while the daemon runs is read as the one it replaced)."""
+    versions: dict[str, tuple[int, int, int]] = {}
 
     async def add_vm(args: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -268,8 +272,15 @@ def register_vm_commands(server: QmpServer, registry: VmRegistry, programs: Prog
                              run_dir=run_dir, mac=args.get("mac"),
                              qemu_binary=options.qemu_binary, qemu_user=options.qemu_user)
 
+            if run.qemu_binary not in versions:
+                try:
+                    versions[run.qemu_binary] = await qemu_version(run.qemu_binary)
+                except VnetError as err:
+                    raise QmpCommandError(str(err)) from None
+            version = versions[run.qemu_binary]
+
             def launch(publish: EventSink) -> contextlib.AbstractAsyncContextManager[Daemon]:
-                return launched_vm(run, programs, publish)
+                return launched_vm(run, programs, publish, version)
             vm = await registry.add(vm_id, args["tap"], "launched", launch)
         return vm.view()
 
