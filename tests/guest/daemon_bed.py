@@ -41,11 +41,13 @@ def same_rss(view: dict[str, Any] | None, config: RssConfig) -> bool:
         config.key.hex(), list(config.indirection_table), int(config.hash_types))
 
 
-async def wait_mirrored(client: QMPClient, guest_config: RssConfig) -> dict[str, Any]:
-    """Wait (on the daemon's events) until its maps and snapshot equal *guest_config*."""
+async def wait_mirrored(client: QMPClient, guest_config: RssConfig,
+                        vm_id: str | None = None) -> dict[str, Any]:
+    """Wait (on the daemon's events) until its maps and snapshot equal *guest_config*
+    (those of VM *vm_id*, for a daemon serving many)."""
     async def settled() -> dict[str, Any]:
         while True:
-            status = await client.execute("query-vnet")
+            status = await client.execute("query-vnet", {"id": vm_id} if vm_id else None)
             if same_rss(status["rss"], guest_config) and same_rss(status["steering"]["rss"],
                                                                    guest_config):
                 return status
