@@ -130,12 +130,14 @@ async def _next_event(client: QMPClient, name: str, vm_id: str | None = None,
 
 
 async def _ended(beds: Beds, vm_id: str) -> dict[str, Any]:
-    """The list entry of *vm_id* once it has ended (waiting on its VNET_SHUTDOWN)."""
-    async def ended() -> dict[str, Any]:
-        while (entry := (await beds.vms())[vm_id])["state"] != "ended":
-            await beds[vm_id].monitor.events.get()
-        return entry
-    return await asyncio.wait_for(ended(), EVENT_TIMEOUT)
+    """The list entry of *vm_id* once it has ended and been cleaned up (VNET_VM_ENDED),
+    which must say what the event said."""
+    event = await _next_event(beds[vm_id].monitor, "VNET_VM_ENDED", vm_id)
+    entry = (await beds.vms())[vm_id]
+    assert entry["state"] == "ended"
+    assert (entry["ending"], entry["reason"]) == (event["data"]["ending"],
+                                                  event["data"]["reason"])
+    return entry
 
 
 async def test_two_guests_are_mirrored_and_checked_each_on_its_own(tmp_path: Path) -> None:

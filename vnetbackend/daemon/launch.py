@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from vnetbackend import tap
 from vnetbackend.daemon.lifecycle import Daemon, Ending
@@ -54,6 +54,7 @@ from vnetbackend.daemon.privileges import (
 )
 from vnetbackend.daemon.qmp_server import QmpServer
 from vnetbackend.daemon.run_dir import RunDir
+from vnetbackend.errors import VnetError
 from vnetbackend.qemu.command import (
     DEVICE_ID,
     monitor_args,
@@ -84,6 +85,14 @@ QEMU_STOP_GRACE_S = 10.0
 EventSink = Callable[[str, dict[str, Any]], None]
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class QmpUnreachable(VnetError):
+    """No QEMU answers on the QMP socket ``path`` (`attached_vm`)."""
+
+    def __init__(self, path: Path, err: Exception) -> None:
+        super().__init__(f"QEMU's QMP socket {path}: {err}")
+        self.path = path
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +349,8 @@ async def attached_vm(qmp_path: Path, tap_name: str, run_dir: Path, programs: Pr
     connection is closed and the program with it; QEMU and the tap are left as found.
 
     Without *use_trace* it follows the control queue's index instead of trace events.
-    Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses and
+    Raises `QmpUnreachable` when nothing answers at *qmp_path*,
+    `vnetbackend.tap.TapError` for a tap name the kernel refuses and
     `vnetbackend.daemon.run_dir.RunDirError` for a run directory that breaks its rules.
     """
     tap.check_name(tap_name)
@@ -348,7 +358,10 @@ async def attached_vm(qmp_path: Path, tap_name: str, run_dir: Path, programs: Pr
         os.close(directory.create_file(TRACE_LOG))
         trace_log = directory.path / TRACE_LOG
         qmp = QMPClient("vnetbackend")
-        await qmp.connect(str(qmp_path))
+        try:
+            await qmp.connect(str(qmp_path))
+        except ConnectError as err:
+            raise QmpUnreachable(qmp_path, err) from None
         try:
             device = await find_net_device(qmp, device_id)
             status = await call(qmp, "x-query-virtio-status", {"path": device.virtio_path})

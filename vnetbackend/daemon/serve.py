@@ -8,7 +8,10 @@ instance and maps, report ring, mirror, checker and run directory ``RUN_DIR/ID``
 
 Each VM runs in a task of its own. Whatever ends one (its QEMU exits, its tap is deleted,
 it is removed, its own daemon fails) ends only that one: the entry keeps why, in
-``query-vnet-vms``, until it is removed, and every other VM goes on. A QEMU that stops
+``query-vnet-vms``, until it is removed, and every other VM goes on. Besides each VM's
+own events (`vnetbackend.daemon.monitor`), ``VNET_VM_ADDED`` (its entry) says a VM is
+served and ``VNET_VM_ENDED`` (``vm``, ``ending``, ``reason``) that it ended and what it
+held is cleaned up. A QEMU that stops
 answering holds up nothing but its own VM's calls (each has its time limit). The daemon
 ends on ``quit`` or SIGTERM/SIGINT, stopping every VM first.
 
@@ -164,10 +167,12 @@ class VmRegistry:
             if isinstance(err, TimeoutError):
                 raise QmpCommandError(f"VM '{vm_id}' was not set up within "
                                       f"{ADD_TIMEOUT_S:.0f} s") from None
-            if isinstance(err, VnetError | OSError):
-                raise QmpCommandError(f"VM '{vm_id}' could not be set up: {err}") from None
+            if isinstance(err, Exception):  # anything QEMU or the system did to the setup
+                raise QmpCommandError(f"VM '{vm_id}' could not be set up: "
+                                      f"{type(err).__name__}: {err}") from None
             raise
         vm.add_ms = round((time.perf_counter() - started) * 1000, 3)
+        self._publish("VNET_VM_ADDED", {"vm": vm_id, **vm.view()})
         log.info("VM %s added on tap %s (%s) in %.1f ms", vm_id, tap_name, mode, vm.add_ms)
         return vm
 
@@ -195,6 +200,9 @@ class VmRegistry:
             vm.state = VmState.ENDED
         log.log(logging.INFO if vm.ending is Ending.REQUESTED else logging.WARNING,
                 "VM %s ended: %s", vm.id, vm.reason)
+        view = vm.view()
+        self._publish("VNET_VM_ENDED", {"vm": vm.id, "ending": view["ending"],
+                                        "reason": vm.reason})
 
     async def remove(self, vm_id: str) -> Vm:
         """Stop *vm_id* (if it still runs), wait until it is cleaned up, forget it."""
