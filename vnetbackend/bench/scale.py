@@ -101,8 +101,9 @@ async def serve_daemon(run_dir: Path, qemu_user: str,
         if process.returncode is None:
             with contextlib.suppress(Exception):
                 await client.execute("quit")
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+        with contextlib.suppress(Exception):
+            await client.disconnect()  # also after an EOF, which it holds until then
+        if process.returncode is None:
             try:
                 await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
             except TimeoutError:
