@@ -46,7 +46,7 @@ from vnetbackend.daemon.lifecycle import Daemon, Ending
 from vnetbackend.daemon.monitor import register_commands, version_info
 from vnetbackend.daemon.privileges import QEMU_USER, SERVE_CAPABILITIES
 from vnetbackend.daemon.qmp_server import Param, QmpCommandError, QmpServer
-from vnetbackend.daemon.run_dir import RUN_ROOT
+from vnetbackend.daemon.run_dir import RUN_ROOT, RunDir
 from vnetbackend.errors import VnetError
 from vnetbackend.qemu.command import DEVICE_ID
 from vnetbackend.qemu.process import QEMU_BINARY, qemu_version
@@ -327,20 +327,21 @@ class Served:
 async def serving(options: ServeOptions,
                   programs: ProgramSource | None = None) -> AsyncIterator[Served]:
     """The daemon with its program compiled and its monitor listening, no VM yet; every
-    VM is stopped on the way out."""
-    programs = programs or ProgramSource()
-    await asyncio.to_thread(programs.compile)
-    options.run_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    monitor = QmpServer(options.monitor, version_info())
-    registry = VmRegistry(monitor.emit)
-    served = Served(registry)
-    register_commands(monitor, registry.daemon, served.request_stop)
-    register_vm_commands(monitor, registry, programs, options)
-    async with monitor:
-        try:
-            yield served
-        finally:
-            await registry.close(served.reason or "the daemon stopped")
+    VM is stopped on the way out. Raises `vnetbackend.daemon.run_dir.RunDirError` for a
+    run directory that breaks the rules of one (before anything is compiled)."""
+    with RunDir.open(options.run_root):
+        programs = programs or ProgramSource()
+        await asyncio.to_thread(programs.compile)
+        monitor = QmpServer(options.monitor, version_info())
+        registry = VmRegistry(monitor.emit)
+        served = Served(registry)
+        register_commands(monitor, registry.daemon, served.request_stop)
+        register_vm_commands(monitor, registry, programs, options)
+        async with monitor:
+            try:
+                yield served
+            finally:
+                await registry.close(served.reason or "the daemon stopped")
 
 
 async def _serve_until_stopped(served: Served) -> tuple[Ending, str]:
