@@ -105,7 +105,7 @@ def test_bench_scale_prints_its_figures() -> None:
     assert figures["rss_mb_no_vm"] <= figures["rss_mb"][0] + 1
     # RSS figures are rounded to 0.1 MB, per_vm_mb is worked out before rounding.
     assert abs(figures["per_vm_mb"] - (figures["rss_mb"][1] - figures["rss_mb"][0]) / 2) <= 0.06
-    assert all(ms > 0 for ms in figures["add_ms"])
+    assert all(ms > 0 for ms in figures["add_ms"]) and figures["run_rss_mb"] > 0
 
 
 def test_bench_scale_refuses_counts_out_of_order() -> None:

@@ -9,6 +9,8 @@ launched and answering on QMP, the device found); ``rss_mb`` is the daemon's VmR
 ``per_vm_mb`` is what each VM after the first adds: (RSS at the most VMs - RSS at one)
 divided by the VMs in between. ``rss_mb_no_vm`` is the daemon with the program
 compiled and no VM: the fixed cost (bcc's LLVM stays resident after its one compile).
+``run_rss_mb`` is, for comparison, a ``vnetbackend run`` daemon with one such VM: what
+each VM costs with a daemon of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +68,22 @@ def resident_mb(pid: int) -> float:
     raise RuntimeError(f"process {pid} has no VmRSS (a zombie?)")
 
 
+def serve_daemon(run_dir: Path, qemu_user: str,
+                 ) -> contextlib.AbstractAsyncContextManager[tuple[asyncio.subprocess.Process,
+                                                                  QMPClient]]:
+    """``vnetbackend serve`` as a child process and a client on its monitor."""
+    return daemon_process(["serve", "--run-dir", str(run_dir), "--qemu-user", qemu_user],
+                          run_dir / "monitor.sock")
+
+
 @contextlib.asynccontextmanager
-async def serve_daemon(run_dir: Path, qemu_user: str,
-                       ) -> AsyncIterator[tuple[asyncio.subprocess.Process, QMPClient]]:
-    """``vnetbackend serve`` as a child process and a client on its monitor once it says
-    it listens; after, the daemon is told to quit (it stops every VM) and waited for."""
+async def daemon_process(argv: Sequence[str], monitor: Path,
+                         ) -> AsyncIterator[tuple[asyncio.subprocess.Process, QMPClient]]:
+    """``vnetbackend ARGV...`` as a child process and a client on its *monitor* once it
+    says it listens; after, the daemon is told to quit (it stops what it started) and
+    waited for."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vnetbackend.cli", "serve", "--run-dir", str(run_dir),
-        "--qemu-user", qemu_user, stdin=asyncio.subprocess.DEVNULL,
+        sys.executable, "-m", "vnetbackend.cli", *argv, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     assert process.stderr is not None
     said: list[str] = []
@@ -94,8 +104,8 @@ async def serve_daemon(run_dir: Path, qemu_user: str,
                            return_when=asyncio.FIRST_COMPLETED)
         if not listening.is_set():
             started.cancel()
-            raise RuntimeError("vnetbackend serve did not start: " + "".join(said))
-        await client.connect(str(run_dir / "monitor.sock"))
+            raise RuntimeError(f"vnetbackend {argv[0]} did not start: " + "".join(said))
+        await client.connect(str(monitor))
         yield process, client
     finally:
         if process.returncode is None:
@@ -118,6 +128,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     add_ms: list[float] = []
     every_add_ms: list[float] = []
     with tempfile.TemporaryDirectory(prefix="vnetbackend-scale-") as scratch:
+        one = Path(scratch) / "one"
+        async with daemon_process(
+                ["run", "--tap", f"vs{tag}r", "--queues", str(args.queues), "--run-dir",
+                 str(one), "--qemu-user", args.qemu_user, "--", *PAUSED_QEMU],
+                one / "monitor.sock") as (process, _):
+            run_rss = resident_mb(process.pid)
         async with serve_daemon(Path(scratch) / "run", args.qemu_user) as (process, client):
             no_vm = resident_mb(process.pid)
             for index in range(args.vms[-1]):
@@ -140,6 +156,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "add_ms": [round(ms, 1) for ms in add_ms],
         "per_vm_mb": round((rss_mb[-1] - rss_mb[0]) / span, 2) if span else None,
         "rss_mb_no_vm": round(no_vm, 1),
+        "run_rss_mb": round(run_rss, 1),
         "add_ms_after_first": {
             "median": round(statistics.median(later), 1) if later else None,
             "max": round(max(later), 1) if later else None,
