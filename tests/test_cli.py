@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+from tests.prereq import need_root
 from vnetbackend.testbed import frames as f
 
 VNETBACKEND = [sys.executable, "-m", "vnetbackend.cli"]
@@ -42,6 +44,17 @@ def test_hash_refuses_bad_input_clearly() -> None:
     assert bad_key.returncode == 2 and "key" in bad_key.stderr
     bad_table = run("hash", "--table", "0,1,2", "00")
     assert bad_table.returncode == 2 and "indirection_table" in bad_table.stderr
+
+
+def test_serve_refuses_a_run_directory_others_can_write(tmp_path: Path) -> None:
+    need_root()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o770)
+    done = run("serve", "--run-dir", str(shared))
+    assert done.returncode == 1
+    assert f"run directory {shared}" in done.stderr and "lets group or others write" in done.stderr
+    assert list(shared.iterdir()) == []
 
 
 def test_bench_reference_prints_figures() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from vnetbackend import tap
 from vnetbackend.bench import BENCHMARKS
 from vnetbackend.choices import add_platform_options
-from vnetbackend.daemon import launch
+from vnetbackend.daemon import launch, serve
 from vnetbackend.daemon.lifecycle import Ending
 from vnetbackend.daemon.privileges import QEMU_USER
 from vnetbackend.daemon.run_dir import default_run_dir
@@ -116,6 +116,13 @@ def _cmd_attach(args: argparse.Namespace) -> int:
         args.device_id, not args.poll_control_queue))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    run_root = args.run_dir or serve.SERVE_ROOT
+    return _finish(serve.serve(serve.ServeOptions(
+        monitor=args.monitor or run_root / serve.MONITOR_SOCKET, run_root=run_root,
+        qemu_user=args.qemu_user, qemu=args.qemu)))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vnetbackend import demo  # the demo pulls in the test bed; load it only for this
 
@@ -198,6 +205,23 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     attach.add_argument("--poll-control-queue", action="store_true",
                         help="follow the guest's control queue instead of QEMU's trace events")
     attach.set_defaults(handler=_cmd_attach)
+
+    serve_cmd = commands.add_parser(
+        "serve", help="one daemon for many VMs: add, remove and list them on its monitor",
+        description="Compiles the steering program once and serves every VM added with "
+                    "vnet-add-vm on its QMP monitor, each with its own program instance "
+                    "and maps.")
+    serve_cmd.add_argument("--monitor", type=Path,
+                           help="the daemon's QMP monitor socket (default: "
+                                "RUN_DIR/monitor.sock)")
+    serve_cmd.add_argument("--run-dir", type=Path,
+                           help="the monitor and one directory per VM, mode 0700 "
+                                "(default: /run/vnetbackend/serve)")
+    serve_cmd.add_argument("--qemu-user", default=QEMU_USER, metavar="USER",
+                           help="the unprivileged user QEMUs it launches switch to "
+                                "(default: %(default)s)")
+    add_platform_options(serve_cmd, guest=False)
+    serve_cmd.set_defaults(handler=_cmd_serve)
 
     demo = commands.add_parser(
         "demo", help="the prototype end to end on the test guest: negotiation, live RSS "

@@ -16,4 +16,6 @@ BENCHMARKS = {
               "the test guest's boot time and frames checked per second"),
     "mirror": ("vnetbackend.bench.mirror",
                "latency from QEMU's RSS trace event to the program attached again"),
+    "scale": ("vnetbackend.bench.scale",
+              "one serve daemon: resident memory and time to add a VM at 1, 4 and 16 VMs"),
 }

@@ -15,6 +15,12 @@ directory, so a daemon started again later can ``attach`` to the same QEMU.
 ``rss-trace.log`` in the run directory (or, if that fails, follows the control queue
 instead) and takes over the steering of its tap.
 
+Each comes in two forms: `launched_vm` and `attached_vm` set up one VM's daemon (its
+program instance, run directory, QEMU or QMP connection, and their cleanup) for a caller
+that serves it, such as `vnetbackend.daemon.serve` with many VMs on one monitor;
+`launched` and `attached` add a monitor of its own for that one VM, and `run` and
+`attach` serve it as the whole process.
+
 Once set up, a daemon started by `run` or `attach` keeps only the capabilities it still
 needs (`vnetbackend.daemon.privileges`).
 """
@@ -25,18 +31,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from vnetbackend import tap
 from vnetbackend.daemon.lifecycle import Daemon, Ending
-from vnetbackend.daemon.monitor import register_commands, version_info
+from vnetbackend.daemon.monitor import only, register_commands, version_info
 from vnetbackend.daemon.privileges import (
     QEMU_USER,
     RUNNING_CAPABILITIES,
@@ -47,6 +54,7 @@ from vnetbackend.daemon.privileges import (
 )
 from vnetbackend.daemon.qmp_server import QmpServer
 from vnetbackend.daemon.run_dir import RunDir
+from vnetbackend.errors import VnetError
 from vnetbackend.qemu.command import (
     DEVICE_ID,
     monitor_args,
@@ -62,6 +70,7 @@ from vnetbackend.qemu.process import (
     stop_process,
 )
 from vnetbackend.qemu.qmp import QemuCallFailed, call, reply_field
+from vnetbackend.steering.instances import ProgramSource
 from vnetbackend.steering.program import SteeringProgram
 
 log = logging.getLogger("vnetbackend.launch")
@@ -72,6 +81,18 @@ TRACE_LOG = "rss-trace.log"
 QEMU_LOG = "qemu.log"
 QEMU_STOP_GRACE_S = 10.0
 
+EventSink = Callable[[str, dict[str, Any]], None]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QmpUnreachable(VnetError):
+    """No QEMU answers on the QMP socket ``path`` (`attached_vm`)."""
+
+    def __init__(self, path: Path, err: Exception) -> None:
+        super().__init__(f"QEMU's QMP socket {path}: {err}")
+        self.path = path
+
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
@@ -79,14 +100,15 @@ class RunOptions:
 
     *pass_fds* are open fds QEMU inherits, for arguments such as ``-chardev socket,fd=N``.
     *qemu* chooses the QEMU, by path or version (`vnetbackend.qemu.installs`); *qemu_user*
-    is the user it switches to.
+    is the user it switches to. *monitor* is the daemon's own monitor socket, for
+    `launched` (a daemon serving many VMs has one monitor for all).
     """
 
     qemu_args: tuple[str, ...]
     tap_name: str
     queues: int
     run_dir: Path
-    monitor: Path
+    monitor: Path | None = None
     mac: str | None = None
     pass_fds: tuple[int, ...] = ()
     qemu: str | None = None
@@ -113,16 +135,48 @@ async def _disconnect(qmp: QMPClient) -> None:
         await qmp.disconnect()
 
 
+def tagged(publish: EventSink, vm_id: str) -> EventSink:
+    """*publish* with the VM's id put into every event's data as ``vm``."""
+    def publish_for_vm(name: str, data: dict[str, Any]) -> None:
+        publish(name, {"vm": vm_id, **data})
+    return publish_for_vm
+
+
 @contextlib.asynccontextmanager
-async def _monitored(daemon: Daemon, monitor: QmpServer) -> AsyncIterator[Daemon]:
-    register_commands(monitor, daemon)
+async def _monitored(daemon: Daemon, vm_id: str, monitor: QmpServer) -> AsyncIterator[Daemon]:
+    register_commands(monitor, only(vm_id, daemon), daemon.request_stop)
     async with monitor:
         yield daemon
 
 
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT call *stop* with the signal's name."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _serve_one(daemon: Daemon) -> tuple[Ending, str]:
+    with stop_on_signals(daemon.request_stop):
+        ending = await daemon.serve()
+    return ending, daemon.ending_reason
+
+
 async def _serve_with_only(daemons: contextlib.AbstractAsyncContextManager[Daemon],
                            keep: Collection[int]) -> tuple[Ending, str]:
-    """Set up the daemon *daemons* yields, keep only the capabilities *keep*, serve it.
+    """Set up the daemon *daemons* yields, keep only the capabilities *keep*, serve it."""
+    return await serve_with_only(daemons, keep, _serve_one)
+
+
+async def serve_with_only(setup: contextlib.AbstractAsyncContextManager[T],
+                          keep: Collection[int], body: Callable[[T], Awaitable[R]]) -> R:
+    """Enter *setup*, keep only the capabilities *keep*, then run *body* on what it yields.
 
     Capabilities belong to threads, so no thread of the setup may outlive it: its blocking
     calls run in a pool that is shut down before the drop (later threads are started by
@@ -135,16 +189,15 @@ async def _serve_with_only(daemons: contextlib.AbstractAsyncContextManager[Daemo
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(loop)
         asyncio.set_child_watcher(watcher)
-    setup = ThreadPoolExecutor(thread_name_prefix="vnetbackend-setup")
-    loop.set_default_executor(setup)
-    async with daemons as daemon:
-        setup.shutdown(wait=True)
+    setup_pool = ThreadPoolExecutor(thread_name_prefix="vnetbackend-setup")
+    loop.set_default_executor(setup_pool)
+    async with setup as served:
+        setup_pool.shutdown(wait=True)
         loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="vnetbackend"))
         kept = drop_capabilities(keep)
         log.info("set up; capabilities kept: %s",
                  ", ".join(capability_names(kept.effective)) or "none")
-        ending = await daemon.serve()
-        return ending, daemon.ending_reason
+        return await body(served)
 
 
 async def run(options: RunOptions) -> tuple[Ending, str]:
@@ -169,7 +222,23 @@ async def attach(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: Pat
 
 @contextlib.asynccontextmanager
 async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
-    """A daemon with its own tap and QEMU, its monitor listening; `Daemon.serve` it.
+    """A daemon with its own tap and QEMU, its monitor (``options.monitor``) listening;
+    `Daemon.serve` it. Its VM's id is the tap's name. Raises as `launched_vm` does."""
+    if options.monitor is None:
+        raise ValueError("launched needs RunOptions.monitor")
+    monitor = QmpServer(options.monitor, version_info())
+    async with (launched_vm(options, ProgramSource(), tagged(monitor.emit, options.tap_name))
+                as daemon, _monitored(daemon, options.tap_name, monitor)):
+        yield daemon
+
+
+@contextlib.asynccontextmanager
+async def launched_vm(options: RunOptions, programs: ProgramSource, publish: EventSink,
+                      qemu: Qemu | None = None) -> AsyncIterator[Daemon]:
+    """One VM's daemon with its own tap, program instance (from *programs*) and QEMU,
+    publishing to *publish*; `Daemon.serve` it. On the way out QEMU is stopped, the
+    program closed and the tap deleted. *qemu* is the QEMU ``options.qemu`` chooses, if
+    the caller has resolved it already.
 
     Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses (before any
     path is built from it), `vnetbackend.daemon.privileges.PrivilegeError` for a QEMU
@@ -180,16 +249,14 @@ async def launched(options: RunOptions) -> AsyncIterator[Daemon]:
     """
     tap.check_name(options.tap_name)
     user = qemu_user(options.qemu_user)
-    qemu = await choose_qemu(options.qemu)
+    qemu = qemu or await choose_qemu(options.qemu)
     with RunDir.open(options.run_dir) as run_dir:
-        monitor = QmpServer(options.monitor, version_info())
         await asyncio.to_thread(tap.create_tap, options.tap_name)
         try:
-            program = await asyncio.to_thread(SteeringProgram)
+            program = await asyncio.to_thread(programs.instance)
             try:
-                async with (_launched_with(options, run_dir, user, qemu, program,
-                                           monitor.emit) as daemon,
-                            _monitored(daemon, monitor)):
+                async with _launched_with(options, run_dir, user, qemu, program,
+                                          publish) as daemon:
                     yield daemon
             finally:
                 program.close()
@@ -266,9 +333,25 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
                    device_id: str = DEVICE_ID, use_trace: bool = True,
                    ) -> AsyncIterator[Daemon]:
     """A daemon next to the QEMU at *qmp_path*, its monitor listening; `Daemon.serve` it.
+    Its VM's id is the tap's name. Raises as `attached_vm` does."""
+    monitor = QmpServer(monitor_path, version_info())
+    async with (attached_vm(qmp_path, tap_name, run_dir, ProgramSource(),
+                            tagged(monitor.emit, tap_name), device_id, use_trace) as daemon,
+                _monitored(daemon, tap_name, monitor)):
+        yield daemon
+
+
+@contextlib.asynccontextmanager
+async def attached_vm(qmp_path: Path, tap_name: str, run_dir: Path, programs: ProgramSource,
+                      publish: EventSink, device_id: str = DEVICE_ID, use_trace: bool = True,
+                      ) -> AsyncIterator[Daemon]:
+    """One VM's daemon next to the QEMU at *qmp_path*, with a program instance from
+    *programs*, publishing to *publish*; `Daemon.serve` it. On the way out the QMP
+    connection is closed and the program with it; QEMU and the tap are left as found.
 
     Without *use_trace* it follows the control queue's index instead of trace events.
-    Raises `vnetbackend.tap.TapError` for a tap name the kernel refuses and
+    Raises `QmpUnreachable` when nothing answers at *qmp_path*,
+    `vnetbackend.tap.TapError` for a tap name the kernel refuses and
     `vnetbackend.daemon.run_dir.RunDirError` for a run directory that breaks its rules.
     """
     tap.check_name(tap_name)
@@ -276,25 +359,28 @@ async def attached(qmp_path: Path, tap_name: str, run_dir: Path, monitor_path: P
         os.close(directory.create_file(TRACE_LOG))
         trace_log = directory.path / TRACE_LOG
         qmp = QMPClient("vnetbackend")
-        await qmp.connect(str(qmp_path))
+        try:
+            await qmp.connect(str(qmp_path))
+        except ConnectError as err:
+            raise QmpUnreachable(qmp_path, err) from None
         try:
             device = await find_net_device(qmp, device_id)
             status = await call(qmp, "x-query-virtio-status", {"path": device.virtio_path})
             queues = (reply_field(status, "num-vqs", int, "x-query-virtio-status") - 1) // 2
-            program = await asyncio.to_thread(SteeringProgram)
+            program = await asyncio.to_thread(programs.instance)
             try:
                 control_fd = tap.open_control_queue(tap_name)
-                traced = use_trace and await _enable_trace(qmp, trace_log)
-                monitor = QmpServer(monitor_path, version_info())
-                version = await query_qemu_version(qmp)
+                try:
+                    traced = use_trace and await _enable_trace(qmp, trace_log)
+                    version = await query_qemu_version(qmp)
+                except BaseException:
+                    os.close(control_fd)
+                    raise
                 async with DeviceStateReader(qmp, version, queues) as reader:
-                    daemon = Daemon(qmp=qmp, device=device, state_reader=reader,
-                                    tap_name=tap_name, queues=queues,
-                                    program=program, control_fd=control_fd,
-                                    trace_log=trace_log if traced else None,
-                                    publish=monitor.emit)
-                    async with _monitored(daemon, monitor):
-                        yield daemon
+                    yield Daemon(qmp=qmp, device=device, state_reader=reader,
+                                 tap_name=tap_name, queues=queues,
+                                 program=program, control_fd=control_fd,
+                                 trace_log=trace_log if traced else None, publish=publish)
             finally:
                 program.close()
         finally:

@@ -2,7 +2,8 @@
 
 `Daemon.serve` runs until one of these ends it, and says which through its exit status:
 
-* a ``quit`` on the monitor or SIGTERM/SIGINT: clean shutdown, status 0;
+* `request_stop` (a ``quit`` on the monitor, SIGTERM/SIGINT to the process, the VM
+  removed from a daemon serving many): clean shutdown, status 0;
 * QEMU exits or its QMP connection drops: status `EXIT_QEMU_GONE`;
 * the tap is deleted: status `EXIT_TAP_GONE`;
 * the daemon itself cannot go on (a fault in its own code): status `EXIT_FAILED`, with
@@ -28,7 +29,6 @@ import enum
 import gc
 import logging
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -119,10 +119,8 @@ class Daemon:
         self._stop.set()
 
     async def serve(self) -> Ending:
-        """Mirror the guest until something ends it; detach the program on the way out."""
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        """Mirror the guest until something ends it; detach the program on the way out.
+        Signals are the caller's: a process serving many devices stops them all."""
         # What exists now (bcc, the program, the clients) lives as long as the daemon:
         # the collector's full passes skip it, which keeps them short on the mirror's path.
         gc.freeze()
@@ -150,8 +148,6 @@ class Daemon:
             else:
                 self.ending = ending
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
             for task in [*watchers, *workers]:
                 task.cancel()
             await asyncio.gather(*watchers, *workers, return_exceptions=True)

@@ -1,4 +1,8 @@
-"""The daemon's commands on its own QMP monitor.
+"""The daemon's commands on its own QMP monitor, for each device (VM) it serves.
+
+Each command takes the VM's ``id``; it may be left out while the daemon serves exactly
+one VM (``run`` and ``attach`` always do). `vnetbackend.daemon.serve` adds the commands
+that add, remove and list VMs.
 
 =================  ==========================================================
 ``query-vnet``     offered and negotiated features, the guest's RSS configuration
@@ -7,25 +11,31 @@
 ``vnet-set-reports``  ``{enable: bool, every?: int}``: per-packet reports on/off,
                    one frame in ``every``
 ``query-vnet-check``  the three-way hash check's totals and per-class tallies
-``quit``           shut the daemon down cleanly
+``quit``           shut the daemon down cleanly (every VM it serves)
 =================  ==========================================================
 
-Events: ``VNET_NEGOTIATED``, ``VNET_DRIVER_RESET``, ``VNET_RSS_CHANGED``,
+Every event carries the VM's id as ``vm``. Events: ``VNET_NEGOTIATED``,
+``VNET_DRIVER_RESET``, ``VNET_RSS_CHANGED``,
 ``VNET_STEERING_ATTACHED``, ``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``,
 ``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vnetbackend import __version__
 from vnetbackend.daemon.lifecycle import Daemon
-from vnetbackend.daemon.qmp_server import Param, QmpServer, VersionInfo
+from vnetbackend.daemon.qmp_server import Param, QmpCommandError, QmpServer, VersionInfo
 from vnetbackend.rss import rss_view
 from vnetbackend.steering.program import SteeringError
 
 MAX_REPORT_EVERY = 0xFFFFFFFF
+#: The VM a command is for: its id, or None when the client named none. Raises
+#: `QmpCommandError` for an id the daemon does not serve (or a missing one it needs).
+DaemonLookup = Callable[[str | None], Daemon]
+VM_ID = Param(str, required=False)
 
 
 def version_info() -> VersionInfo:
@@ -77,27 +87,40 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
     }
 
 
-def register_commands(server: QmpServer, daemon: Daemon) -> None:
-    """Put the daemon's commands on *server*."""
+def only(vm_id: str, daemon: Daemon) -> DaemonLookup:
+    """The lookup of a daemon serving the one VM *vm_id*."""
+    def lookup(asked: str | None) -> Daemon:
+        if asked not in (None, vm_id):
+            raise QmpCommandError(f"no VM with id '{asked}' (this daemon serves '{vm_id}')",
+                                  "DeviceNotFound")
+        return daemon
+    return lookup
 
-    async def query_vnet(_: dict[str, Any]) -> dict[str, Any]:
-        return vnet_status(daemon)
+
+def register_commands(server: QmpServer, daemons: DaemonLookup,
+                      quit_: Callable[[str], None]) -> None:
+    """Put the per-VM commands and ``quit`` (which calls *quit_* with the reason) on
+    *server*."""
+
+    async def query_vnet(args: dict[str, Any]) -> dict[str, Any]:
+        return vnet_status(daemons(args.get("id")))
 
     async def set_reports(args: dict[str, Any]) -> dict[str, Any]:
         every = args.get("every", 1) if args["enable"] else 0
-        daemon.program.set_reports(every)
+        daemons(args.get("id")).program.set_reports(every)
         return {"report-every": every}
 
-    async def query_check(_: dict[str, Any]) -> dict[str, Any]:
-        return daemon.checker.summary()
+    async def query_check(args: dict[str, Any]) -> dict[str, Any]:
+        return daemons(args.get("id")).checker.summary()
 
-    async def quit_(_: dict[str, Any]) -> None:
-        daemon.request_stop("quit on the monitor")
+    async def quit_command(_: dict[str, Any]) -> None:
+        quit_("quit on the monitor")
 
-    server.register("query-vnet", query_vnet)
+    server.register("query-vnet", query_vnet, {"id": VM_ID})
     server.register("vnet-set-reports", set_reports, {
+        "id": VM_ID,
         "enable": Param(bool),
         "every": Param(int, required=False, minimum=1, maximum=MAX_REPORT_EVERY),
     })
-    server.register("query-vnet-check", query_check)
-    server.register("quit", quit_)
+    server.register("query-vnet-check", query_check, {"id": VM_ID})
+    server.register("quit", quit_command)

@@ -48,6 +48,20 @@ CAPABILITY_NAMES = (
 #: ring and TUNSETSTEERINGEBPF on the control queue work through fds opened before the
 #: drop and need none.
 RUNNING_CAPABILITIES = frozenset({CAP_NET_ADMIN, CAP_KILL})
+CAP_SETGID = 6
+CAP_SETUID = 7
+CAP_SETPCAP = 8
+CAP_PERFMON = 38
+CAP_BPF = 39
+#: What ``serve`` keeps: everything adding, serving and removing a VM does, measured on
+#: Linux 6.18 (tests/guest/test_serve.py runs it with exactly these): creating, opening
+#: and deleting taps (CAP_NET_ADMIN), creating maps and loading the program (CAP_BPF; and
+#: CAP_PERFMON, without which the verifier treats the loader as unprivileged and refuses
+#: the program's pointer arithmetic on map values), signalling QEMU (CAP_KILL), and
+#: starting a confined QEMU: setpriv narrows its bounding set (CAP_SETPCAP) and QEMU
+#: switches user (CAP_SETUID, CAP_SETGID, which it can only have if the daemon has them).
+SERVE_CAPABILITIES = frozenset({CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON, CAP_KILL, CAP_SETPCAP,
+                                CAP_SETUID, CAP_SETGID})
 
 #: How long `drop_capabilities` waits for other threads to end.
 THREAD_EXIT_WAIT_S = 1.0

@@ -22,7 +22,7 @@ import contextlib
 import ctypes as ct
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +40,7 @@ from vnetbackend.steering.layout import (
     layout_defines,
 )
 from vnetbackend.steering.reports import ReportReader
+from vnetbackend.steering.ring import RingBuffer
 
 #: Where the C source lives: ``bpf/`` at the top of the repository.
 SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
@@ -133,13 +134,45 @@ class SteeringProgram:
                      for name in ("rss_slots", "control", "counters", "reports")}
         self.ring_pages = ring_pages
         self._reader: ReportReader | None = None
+        self._prog_fd, self._release = self._function.fd, self._bpf.cleanup
+        self._ring: RingBuffer | None = None
+
+    # -- instances loaded without compiling (vnetbackend.steering.instances) -----------
+
+    @classmethod
+    def from_loaded(cls, prog_fd: int, map_fds: Mapping[str, int], ring_pages: int,
+                    release: Callable[[], None]) -> SteeringProgram:
+        """A program some other loader put in the kernel: *prog_fd* and its maps by name
+        (the names the C source gives them); *release* closes them all."""
+        from bcc.libbcc import lib
+        from bcc.utils import get_possible_cpus
+
+        program = cls.__new__(cls)
+        program._lib, program._cpus = lib, len(get_possible_cpus())
+        program._bpf = None
+        program._fds = dict(map_fds)
+        program.ring_pages = ring_pages
+        program._reader = None
+        program._prog_fd, program._release = prog_fd, release
+        program._ring = None
+        return program
+
+    def compiled(self) -> tuple[bytes, str]:
+        """The instructions of ``steer`` as the compiler left them (map references hold
+        this program's map fds) and the program's license."""
+        if self._bpf is None:
+            raise SteeringError("this program was not compiled here: clone the original")
+        from bcc.libbcc import lib
+
+        return bytes(self._bpf.dump_func(b"steer")), lib.bpf_module_license(
+            self._bpf.module).decode()
 
     # -- lifetime ---------------------------------------------------------------------
 
     @property
     def fd(self) -> int:
         """The program's fd, for TUNSETSTEERINGEBPF or BPF_PROG_TEST_RUN."""
-        return self._function.fd
+        return self._prog_fd
 
     @property
     def map_fds(self) -> dict[str, int]:
@@ -148,7 +181,10 @@ class SteeringProgram:
 
     def close(self) -> None:
         """Unload (a tap the program is attached to keeps its own reference)."""
-        self._bpf.cleanup()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._release()
 
     def __enter__(self) -> SteeringProgram:
         return self
@@ -265,8 +301,8 @@ class SteeringProgram:
     def reports(self) -> ReportReader:
         """The reader of this program's report ring buffer (one per program)."""
         if self._reader is None:
-            ring = self._bpf[b"reports"]
-            self._reader = ReportReader(ring.open_ring_buffer, self._bpf.ring_buffer_consume,
+            self._ring = RingBuffer(self._fds["reports"])
+            self._reader = ReportReader(self._ring.open, self._ring.consume,
                                         self._fds["reports"])
         return self._reader
 

@@ -43,13 +43,14 @@ def same_rss(view: dict[str, Any] | None, config: RssConfig) -> bool:
         config.key.hex(), list(config.indirection_table), int(config.hash_types))
 
 
-async def wait_mirrored(client: QMPClient, config: RssConfig,
+async def wait_mirrored(client: QMPClient, config: RssConfig, vm_id: str | None = None,
                         timeout: float = SETTLE_TIMEOUT) -> dict[str, Any]:
-    """``query-vnet`` once the daemon's snapshot and maps both hold *config*; waits on the
-    daemon's events in between."""
+    """``query-vnet`` once the daemon's snapshot and maps both hold *config* (those of VM
+    *vm_id*, for a daemon serving many); waits on the daemon's events in between."""
     async def settled() -> dict[str, Any]:
         while True:
-            status: dict[str, Any] = await client.execute("query-vnet")
+            status: dict[str, Any] = await client.execute(
+                "query-vnet", {"id": vm_id} if vm_id else None)
             if same_rss(status["rss"], config) and same_rss(status["steering"]["rss"], config):
                 return status
             await client.events.get()
