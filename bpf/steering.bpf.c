@@ -18,6 +18,9 @@
  * Cost: every kernel function call is dear (each helper call is most of the cost of a
  * frame), so the frame is read through a window of WINDOW bytes: one read serves every
  * header of a common frame, and a frame is read again only where its headers go past it.
+ * A frame whose ethertype is neither IP nor a VLAN tag computes nothing: it is told apart
+ * before the window is read (see may_be_ip) and costs no map lookup beyond the control
+ * word, the counters and the slot.
  *
  * The map value and report structures are mirrored once in vnetbackend/steering/layout.py,
  * which also hands over the Python side's limits and numbers; both are checked at compile
@@ -28,6 +31,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/in6.h>
 #include <uapi/linux/virtio_net.h>
+#include <uapi/linux/filter.h>
 
 #define MAX_KEY_SIZE 40
 #define MAX_TABLE_LENGTH 128
@@ -594,6 +598,25 @@ static __always_inline void select_ipv6(const struct rss_slot *s, const struct p
 		out->hash ^= HASH_BYTES(s, p->ports, 32, 4);
 }
 
+/*
+ * Whether this frame is the one in `report_every` that gets a report (per CPU). A countdown
+ * left from a sparser sampling does not delay a denser one.
+ */
+static __always_inline int report_due(const struct steering_control *ctl,
+				      struct steering_counters *cnt)
+{
+	u32 every = ctl->report_every;
+
+	if (!every)
+		return 0;
+	if (cnt->until_report == 0 || cnt->until_report >= every) {
+		cnt->until_report = every - 1;
+		return 1;
+	}
+	cnt->until_report--;
+	return 0;
+}
+
 static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
 					 u32 queue, struct steering_counters *cnt)
 {
@@ -636,48 +659,114 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 	cnt->reports++;
 }
 
+/* The report of a frame that is not IP: no hash, no addresses. */
+static __always_inline void write_plain_report(u32 frame_len, u32 queue,
+					       struct steering_counters *cnt)
+{
+	struct steering_report *r = reports.ringbuf_reserve(sizeof(struct steering_report));
+
+	if (!r) {
+		cnt->reports_dropped++;
+		return;
+	}
+	r->hash = 0;
+	r->queue = queue;
+	r->report_type = VIRTIO_NET_HASH_REPORT_NONE;
+	r->ip_version = 0;
+	r->l4_proto = 0;
+	r->flags = 0;
+	r->l3_offset = 0;
+	r->frame_len = frame_len;
+	r->l3_len = 0;
+	r->src_port = 0;
+	r->dst_port = 0;
+	reports.ringbuf_submit(r, 0);
+	cnt->reports++;
+}
+
+static __always_inline int may_start_ip(u32 ethertype)
+{
+	return ethertype == ETH_P_IP || ethertype == ETH_P_IPV6 || ethertype == ETH_P_8021Q ||
+	       ethertype == ETH_P_8021AD;
+}
+
+/*
+ * Whether the frame's outer ethertype is IPv4, IPv6 or a VLAN tag: if not, the frame
+ * computes nothing and is not read further. skb->protocol, which the sender sets, only
+ * saves the look at the frame when it names one of those (then the frame is parsed, which
+ * reads the ethertype anyway); otherwise the ethertype is read with one load (LD_ABS, much
+ * cheaper than a copy into the window). An LD_ABS that fails ends the program, so it is
+ * only used on frames holding a whole Ethernet header.
+ */
+static __always_inline int may_be_ip(struct __sk_buff *skb, u32 base, u32 frame_len)
+{
+	u32 ethertype;
+
+	if (frame_len < ETH_HLEN)
+		return 0;
+	if (may_start_ip(bpf_ntohs(skb->protocol)))
+		return 1;
+	if (base)
+		ethertype = load_half(skb, SKF_LL_OFF + ETH_HLEN - 2);
+	else
+		ethertype = load_half(skb, ETH_HLEN - 2);
+	return may_start_ip(ethertype);
+}
+
 int steer(struct __sk_buff *skb)
 {
 	u32 zero = 0;
 	struct steering_control *ctl = control.lookup(&zero);
 	struct steering_counters *cnt = counters.lookup(&zero);
-	struct scratch *sc = scratch.lookup(&zero);
+	struct scratch *sc;
 	struct parsed *p;
 	struct rss_slot *s;
 	struct selection sel = {};
-	u32 slot, oob_tags, types, queue;
+	u32 slot, base, frame_len, oob_tags, types, queue;
 
-	if (!ctl || !cnt || !sc)
+	if (!ctl || !cnt)
 		return 0;
 	cnt->frames++;
+	slot = ctl->active_slot % SLOT_COUNT;
+	s = rss_slots.lookup(&slot);
+	if (!s)
+		return 0;
 
-	p = &sc->p;
-	sc->base = skb->ifindex == LOOPBACK_IFINDEX ? ETH_HLEN : 0;
-	sc->win_start = 0;
-	sc->win_len = 0;
-	p->frame_len = skb->len + sc->base;
-	p->ip_version = 0;
-	p->l4_proto = 0;
-	p->has_ext = 0;
-	p->fragment = 0;
-	p->has_home = 0;
-	p->has_routed = 0;
+	base = skb->ifindex == LOOPBACK_IFINDEX ? ETH_HLEN : 0;
+	frame_len = skb->len + base;
 	/*
 	 * A VLAN tag the stack keeps out of band (tx-vlan-offload of the tap) is not in the
 	 * data; tun writes it into the frame after the MAC addresses. Parse the data, then
 	 * give lengths and offsets as in the frame the guest gets.
 	 */
 	oob_tags = skb->vlan_present ? 1 : 0;
+	if (!may_be_ip(skb, base, frame_len)) {
+		queue = s->enabled ? s->unclassified_queue : 0;
+		if (report_due(ctl, cnt))
+			write_plain_report(frame_len + 4 * oob_tags, queue, cnt);
+		return queue;
+	}
+
+	sc = scratch.lookup(&zero);
+	if (!sc)
+		return 0;
+	p = &sc->p;
+	sc->base = base;
+	sc->win_start = 0;
+	sc->win_len = 0;
+	p->frame_len = frame_len;
+	p->ip_version = 0;
+	p->l4_proto = 0;
+	p->has_ext = 0;
+	p->fragment = 0;
+	p->has_home = 0;
+	p->has_routed = 0;
 	parse_frame(skb, sc, oob_tags);
 	if (oob_tags) {
 		p->frame_len += 4;
 		p->l3_offset += 4;
 	}
 
-	slot = ctl->active_slot % SLOT_COUNT;
-	s = rss_slots.lookup(&slot);
-	if (!s)
-		return 0;
 	types = s->enabled ? s->hash_types : 0;
 	if (p->ip_version == 4)
 		select_ipv4(s, p, types, &sel);
@@ -691,14 +780,7 @@ int steer(struct __sk_buff *skb)
 	else
 		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];
 
-	if (ctl->report_every) {
-		/* A countdown left from a sparser sampling does not delay a denser one. */
-		if (cnt->until_report == 0 || cnt->until_report >= ctl->report_every) {
-			cnt->until_report = ctl->report_every - 1;
-			write_report(p, &sel, queue, cnt);
-		} else {
-			cnt->until_report--;
-		}
-	}
+	if (report_due(ctl, cnt))
+		write_report(p, &sel, queue, cnt);
 	return queue;
 }
