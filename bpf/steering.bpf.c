@@ -39,8 +39,12 @@
 #define MAX_VLAN_TAGS 2
 #define SLOT_COUNT 2
 
-#ifndef REPORT_RING_PAGES
-#define REPORT_RING_PAGES 64
+/* Report rings: one per possible CPU, REPORT_SLOTS records each (the loader sets both). */
+#ifndef REPORT_CPUS
+#define REPORT_CPUS 1
+#endif
+#ifndef REPORT_SLOTS
+#define REPORT_SLOTS 4096
 #endif
 
 /* Bytes read from the frame at once (one helper call copies up to this many at the cost of
@@ -78,18 +82,30 @@ struct steering_control {
 
 struct steering_counters {
 	u64 frames;             /* frames the program ran on */
-	u64 reports;            /* reports written to the ring buffer */
-	u64 reports_dropped;    /* reports lost because the ring buffer was full */
+	u64 reports;            /* reports written to the report ring */
+	u64 reports_dropped;    /* reports lost because the report ring was full */
 	u64 until_report;       /* frames to skip before the next sampled report */
+};
+
+/*
+ * Where a CPU's report ring stands. The program writes a record into slot head % REPORT_SLOTS
+ * of its CPU and then advances `head`; the reader reads up to `head` and then advances `tail`.
+ * Both only grow. They sit on separate cache lines, each written by one side only.
+ */
+struct report_cursor {
+	u64 head;               /* reports written on this CPU (the program's) */
+	u64 head_line[7];
+	u64 tail;               /* reports read (the reader's) */
+	u64 tail_line[7];
 };
 
 #define REPORT_FLAG_EXT_HEADERS 1
 #define REPORT_FLAG_FRAGMENT 2
 
 /*
- * One record in the report ring buffer. Ports are host order; addresses network order.
+* One record of a report ring. Ports are host order; addresses network order.
  * Only the address bytes the IP version uses are written (none for frames that are not IP);
- * the rest of `src` and `dst` is left as the ring had it.
+ * the rest of `src` and `dst` is left as the slot had it.
  */
 struct steering_report {
 	u32 hash;
@@ -137,6 +153,11 @@ SAME_OFFSET(steering_counters, frames);
 SAME_OFFSET(steering_counters, reports);
 SAME_OFFSET(steering_counters, reports_dropped);
 SAME_OFFSET(steering_counters, until_report);
+SAME_SIZE(report_cursor);
+SAME_OFFSET(report_cursor, head);
+SAME_OFFSET(report_cursor, head_line);
+SAME_OFFSET(report_cursor, tail);
+SAME_OFFSET(report_cursor, tail_line);
 SAME_SIZE(steering_report);
 SAME_OFFSET(steering_report, hash);
 SAME_OFFSET(steering_report, queue);
@@ -202,6 +223,8 @@ SAME_VALUE(VIRTIO_NET_HASH_REPORT_UDPv6_EX);
 /* The indirection lookup masks its index with MAX_TABLE_LENGTH - 1. */
 _Static_assert((MAX_TABLE_LENGTH & (MAX_TABLE_LENGTH - 1)) == 0,
 	       "MAX_TABLE_LENGTH must be a power of two");
+_Static_assert(REPORT_SLOTS > 0 && (REPORT_SLOTS & (REPORT_SLOTS - 1)) == 0,
+	       "REPORT_SLOTS must be a power of two");
 /* A read of up to MAX_ASK bytes fits in the window, and its masked index inside it. */
 _Static_assert(MAX_ASK <= WINDOW && WINDOW <= WINDOW_MASK + 1 &&
 	       (WINDOW_MASK & (WINDOW_MASK + 1)) == 0, "window sizes");
@@ -249,7 +272,18 @@ BPF_ARRAY(rss_slots, struct rss_slot, SLOT_COUNT);
 BPF_ARRAY(control, struct steering_control, 1);
 BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
-BPF_RINGBUF_OUTPUT(reports, REPORT_RING_PAGES);
+/*
+ * Reports: each CPU writes its own ring of `report_slots` (REPORT_SLOTS records from index
+ * cpu * REPORT_SLOTS), both maps mapped into the reader's memory. Writing a record there
+ * costs plain stores and one atomic add, where a record of a BPF ring buffer costs two
+ * helper calls. The BPF ring buffer `report_bell` only wakes a reader that has read
+ * everything (and may be waiting on its fd): it gets one 8-byte record whenever a CPU
+ * writes a report while its ring's tail equals the report's position.
+ */
+BPF_F_TABLE("array", u32, struct report_cursor, report_cursors, REPORT_CPUS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct steering_report, report_slots, REPORT_CPUS * REPORT_SLOTS,
+	    BPF_F_MMAPABLE);
+BPF_RINGBUF_OUTPUT(report_bell, 1);
 
 /* Make the compiler forget what it knows of `x`, so that a bound checked after this is
  * the bound the verifier sees. */
@@ -312,8 +346,8 @@ static __always_inline int loop_budget_spent(void)
 
 /*
  * Copies of addresses and ports, in words: clang copies a byte array byte by byte. The
- * words may be unaligned in the window; the verifier allows that in map values and the
- * ring buffer on a host with efficient unaligned access (x86).
+ * words may be unaligned in the window; the verifier allows that in map values (the
+ * window and the report slots are) on a host with efficient unaligned access (x86).
  */
 static __always_inline void copy4(u8 *to, const u8 *from)
 {
@@ -617,12 +651,54 @@ static __always_inline int report_due(const struct steering_control *ctl,
 	return 0;
 }
 
+/*
+ * The slot for this CPU's next report, or NULL when its ring is full (the reader has not
+ * read REPORT_SLOTS reports yet). `*cursor` and `*head` are what publish_report needs.
+ */
+static __always_inline struct steering_report *report_slot(struct report_cursor **cursor,
+							   u64 *head)
+{
+	u32 cpu = bpf_get_smp_processor_id();
+	struct report_cursor *c = report_cursors.lookup(&cpu);
+	u32 index;
+	u64 h;
+
+	if (!c)
+		return NULL;
+	h = c->head;
+	if (h - *(volatile u64 *)&c->tail >= REPORT_SLOTS)
+		return NULL;
+	index = cpu * REPORT_SLOTS + (u32)(h & (REPORT_SLOTS - 1));
+	*cursor = c;
+	*head = h;
+	return report_slots.lookup(&index);
+}
+
+/*
+ * Make the report in slot `head` visible: the record's stores come first (the compiler keeps
+ * them before the atomic add; x86 keeps stores in order), then `head` moves. The atomic add
+ * is a full barrier on x86, so the tail read after it is no older than the add: either the
+ * reader, re-reading `head` after it advanced `tail` (with a barrier too), sees this report,
+ * or this sees the reader's tail at `head` and rings the bell. No wake-up is lost.
+ */
+static __always_inline void publish_report(struct report_cursor *c, u64 head)
+{
+	u64 bell = head;
+
+	asm volatile("" ::: "memory");
+	__sync_fetch_and_add(&c->head, 1);
+	if (*(volatile u64 *)&c->tail == head)
+		report_bell.ringbuf_output(&bell, sizeof(bell), 0);
+}
+
 static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
 					 u32 queue, struct steering_counters *cnt)
 {
-	struct steering_report *r = reports.ringbuf_reserve(sizeof(struct steering_report));
+	struct report_cursor *c = NULL;
+	u64 head = 0;
+	struct steering_report *r = report_slot(&c, &head);
 
-	if (!r) {
+	if (!r || !c) {
 		cnt->reports_dropped++;
 		return;
 	}
@@ -655,7 +731,7 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 		r->l3_offset = 0;
 		r->l3_len = 0;
 	}
-	reports.ringbuf_submit(r, 0);
+	publish_report(c, head);
 	cnt->reports++;
 }
 
@@ -663,9 +739,11 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 static __always_inline void write_plain_report(u32 frame_len, u32 queue,
 					       struct steering_counters *cnt)
 {
-	struct steering_report *r = reports.ringbuf_reserve(sizeof(struct steering_report));
+	struct report_cursor *c = NULL;
+	u64 head = 0;
+	struct steering_report *r = report_slot(&c, &head);
 
-	if (!r) {
+	if (!r || !c) {
 		cnt->reports_dropped++;
 		return;
 	}
@@ -680,7 +758,7 @@ static __always_inline void write_plain_report(u32 frame_len, u32 queue,
 	r->l3_len = 0;
 	r->src_port = 0;
 	r->dst_port = 0;
-	reports.ringbuf_submit(r, 0);
+	publish_report(c, head);
 	cnt->reports++;
 }
 

@@ -39,11 +39,12 @@ from vnetbackend.steering.layout import (
     SteeringCounters,
     layout_defines,
 )
-from vnetbackend.steering.reports import ReportReader
+from vnetbackend.steering.reports import ReportReader, ReportRings
 
 #: Where the C source lives: ``bpf/`` at the top of the repository.
 SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
-DEFAULT_RING_PAGES = 64
+#: Records in each CPU's report ring (a power of two).
+DEFAULT_REPORT_SLOTS = 4096
 
 
 class SteeringError(VnetError):
@@ -98,13 +99,13 @@ def _map_call(name: str, what: str, result: int) -> None:
 class SteeringProgram:
     """The steering program, loaded and verified, with its maps.
 
-    *ring_pages* sizes the report ring buffer (a power of two, in pages).
+    *report_slots* sizes each CPU's report ring (a power of two, in records).
     """
 
-    def __init__(self, *, ring_pages: int = DEFAULT_RING_PAGES,
+    def __init__(self, *, report_slots: int = DEFAULT_REPORT_SLOTS,
                  source: Path = SOURCE_PATH) -> None:
-        if ring_pages < 1 or ring_pages & (ring_pages - 1):
-            raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+        if report_slots < 1 or report_slots & (report_slots - 1):
+            raise ValueError(f"report_slots must be a power of two, got {report_slots}")
         try:
             text = source.read_text()
         except OSError as err:
@@ -114,10 +115,15 @@ class SteeringProgram:
         from bcc.utils import get_possible_cpus
 
         self._lib = lib
+        possible = get_possible_cpus()
+        self._cpus = len(possible)  # values in a per-CPU map
+        # The report rings are indexed by CPU number: one for every number a CPU can have.
+        self._ring_cpus = max(possible) + 1
         with _compiler_output() as diagnostics:
             try:
                 self._bpf = BPF(text=text.encode(),
-                                cflags=[f"-DREPORT_RING_PAGES={ring_pages}",
+                                cflags=[f"-DREPORT_CPUS={self._ring_cpus}",
+                                        f"-DREPORT_SLOTS={report_slots}",
                                         *layout_defines()])
                 self._function = self._bpf.load_func(b"steer", BPF.SOCKET_FILTER)
             except Exception as err:  # bcc raises bare Exception for compile/verifier errors
@@ -128,10 +134,11 @@ class SteeringProgram:
             errors = [line for line in diagnostics() if "error:" in line]
             raise SteeringError("\n".join([f"loading {source.name}: {failure}", *errors])
                                 ) from failure
-        self._cpus = len(get_possible_cpus())
         self._fds = {name: self._bpf[name.encode()].map_fd
-                     for name in ("rss_slots", "control", "counters", "reports")}
-        self.ring_pages = ring_pages
+                     for name in ("rss_slots", "control", "counters", "report_cursors",
+                                  "report_slots", "report_bell")}
+        self.report_slots = report_slots
+        self._rings: ReportRings | None = None
         self._reader: ReportReader | None = None
 
     # -- lifetime ---------------------------------------------------------------------
@@ -148,6 +155,9 @@ class SteeringProgram:
 
     def close(self) -> None:
         """Unload (a tap the program is attached to keeps its own reference)."""
+        if self._rings is not None:
+            self._rings.close()
+            self._rings = self._reader = None
         self._bpf.cleanup()
 
     def __enter__(self) -> SteeringProgram:
@@ -263,11 +273,13 @@ class SteeringProgram:
         self._update("counters", 0, (SteeringCounters * self._cpus)())
 
     def reports(self) -> ReportReader:
-        """The reader of this program's report ring buffer (one per program)."""
+        """The reader of this program's report rings (one per program)."""
         if self._reader is None:
-            ring = self._bpf[b"reports"]
-            self._reader = ReportReader(ring.open_ring_buffer, self._bpf.ring_buffer_consume,
-                                        self._fds["reports"])
+            self._bpf[b"report_bell"].open_ring_buffer(lambda _ctx, _data, _size: 0)
+            self._rings = ReportRings(self._fds["report_cursors"], self._fds["report_slots"],
+                                      self._fds["report_bell"], self._bpf.ring_buffer_consume,
+                                      cpus=self._ring_cpus, slots=self.report_slots)
+            self._reader = ReportReader(self._rings)
         return self._reader
 
     # -- taps ---------------------------------------------------------------------------
