@@ -20,7 +20,8 @@
  * header of a common frame, and a frame is read again only where its headers go past it.
  * A frame whose ethertype is neither IP nor a VLAN tag computes nothing: it is told apart
  * before the window is read (see may_be_ip) and costs no map lookup beyond the control
- * word, the counters and the slot.
+ * word, the counters and the slot. A report is written into a ring of the CPU's own in
+ * mapped memory, with no helper call unless the reader is to be woken (see report_slots).
  *
  * The map value and report structures are mirrored once in vnetbackend/steering/layout.py,
  * which also hands over the Python side's limits and numbers; both are checked at compile
