@@ -26,6 +26,7 @@ from vnetbackend.steering import (
 from vnetbackend.steering.conformance import expected_report, run_frames
 from vnetbackend.steering.layout import MIRRORS
 from vnetbackend.steering.program import SOURCE_PATH
+from vnetbackend.steering.reports import ReportRingError
 from vnetbackend.testbed import frames as f
 
 WAIT_S = 5.0
@@ -197,6 +198,14 @@ def test_the_ring_wraps_around() -> None:
                 prog_test_run(small.fd, frame)
             assert [r.frame_len for r in reader.drain()] == [len(frame) for frame in batch]
         assert small.counters().reports_dropped == 0
+
+
+def test_a_reader_outliving_its_program_gets_a_clear_error() -> None:
+    need_bcc()
+    with SteeringProgram(report_slots=8) as short_lived:
+        reader = short_lived.reports()
+    with pytest.raises(ReportRingError, match="closed"):
+        reader.drain()
 
 
 def test_report_slots_must_be_a_power_of_two() -> None:

@@ -82,7 +82,7 @@ _SEQ_CST = 5  # __ATOMIC_SEQ_CST
 
 
 class ReportRingError(VnetError):
-    """The report rings could not be mapped into this process."""
+    """The report rings could not be mapped into this process, or were closed."""
 
 
 class _Atomics:
@@ -157,6 +157,7 @@ class ReportRings:
         except ReportRingError:
             _libc.munmap(self._cursors, self._cursors_len)
             raise
+        self._closed = False
         self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, _SEQ_CST)
                        for cpu in range(cpus)]
 
@@ -170,6 +171,8 @@ class ReportRings:
     def _advance(self, on_record: Callable[[int, int], None] | None) -> int:
         """Move every CPU's tail to its head; *on_record* gets (cpu, position) of each
         record before its slot is handed back. Returns how many records there were."""
+        if self._closed:
+            raise ReportRingError("the report rings were closed with their program")
         self._consume_bell()
         total = 0
         for cpu in range(self._cpus):
@@ -202,8 +205,11 @@ class ReportRings:
         return self._advance(None)
 
     def close(self) -> None:
-        _libc.munmap(self._records, self._records_len)
-        _libc.munmap(self._cursors, self._cursors_len)
+        """Unmap the rings; reading them afterwards raises ReportRingError."""
+        if not self._closed:
+            self._closed = True
+            _libc.munmap(self._records, self._records_len)
+            _libc.munmap(self._cursors, self._cursors_len)
 
 
 class ReportReader:
