@@ -18,6 +18,10 @@
  * Cost: every kernel function call is dear (each helper call is most of the cost of a
  * frame), so the frame is read through a window of WINDOW bytes: one read serves every
  * header of a common frame, and a frame is read again only where its headers go past it.
+ * A frame whose ethertype is neither IP nor a VLAN tag computes nothing: it is told apart
+ * before the window is read (see may_be_ip) and costs no map lookup beyond the control
+ * word, the counters and the slot. A report is written into a ring of the CPU's own in
+ * mapped memory, with no helper call unless the reader is to be woken (see report_slots).
  *
  * The map value and report structures are mirrored once in vnetbackend/steering/layout.py,
  * which also hands over the Python side's limits and numbers; both are checked at compile
@@ -28,6 +32,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/in6.h>
 #include <uapi/linux/virtio_net.h>
+#include <uapi/linux/filter.h>
 
 #define MAX_KEY_SIZE 40
 #define MAX_TABLE_LENGTH 128
@@ -35,8 +40,12 @@
 #define MAX_VLAN_TAGS 2
 #define SLOT_COUNT 2
 
-#ifndef REPORT_RING_PAGES
-#define REPORT_RING_PAGES 64
+/* Report rings: one per possible CPU, REPORT_SLOTS records each (the loader sets both). */
+#ifndef REPORT_CPUS
+#define REPORT_CPUS 1
+#endif
+#ifndef REPORT_SLOTS
+#define REPORT_SLOTS 4096
 #endif
 
 /* Bytes read from the frame at once (one helper call copies up to this many at the cost of
@@ -74,18 +83,30 @@ struct steering_control {
 
 struct steering_counters {
 	u64 frames;             /* frames the program ran on */
-	u64 reports;            /* reports written to the ring buffer */
-	u64 reports_dropped;    /* reports lost because the ring buffer was full */
+	u64 reports;            /* reports written to the report ring */
+	u64 reports_dropped;    /* reports lost because the report ring was full */
 	u64 until_report;       /* frames to skip before the next sampled report */
+};
+
+/*
+ * Where a CPU's report ring stands. The program writes a record into slot head % REPORT_SLOTS
+ * of its CPU and then advances `head`; the reader reads up to `head` and then advances `tail`.
+ * Both only grow. They sit on separate cache lines, each written by one side only.
+ */
+struct report_cursor {
+	u64 head;               /* reports written on this CPU (the program's) */
+	u64 head_line[7];
+	u64 tail;               /* reports read (the reader's) */
+	u64 tail_line[7];
 };
 
 #define REPORT_FLAG_EXT_HEADERS 1
 #define REPORT_FLAG_FRAGMENT 2
 
 /*
- * One record in the report ring buffer. Ports are host order; addresses network order.
+* One record of a report ring. Ports are host order; addresses network order.
  * Only the address bytes the IP version uses are written (none for frames that are not IP);
- * the rest of `src` and `dst` is left as the ring had it.
+ * the rest of `src` and `dst` is left as the slot had it.
  */
 struct steering_report {
 	u32 hash;
@@ -133,6 +154,11 @@ SAME_OFFSET(steering_counters, frames);
 SAME_OFFSET(steering_counters, reports);
 SAME_OFFSET(steering_counters, reports_dropped);
 SAME_OFFSET(steering_counters, until_report);
+SAME_SIZE(report_cursor);
+SAME_OFFSET(report_cursor, head);
+SAME_OFFSET(report_cursor, head_line);
+SAME_OFFSET(report_cursor, tail);
+SAME_OFFSET(report_cursor, tail_line);
 SAME_SIZE(steering_report);
 SAME_OFFSET(steering_report, hash);
 SAME_OFFSET(steering_report, queue);
@@ -198,6 +224,8 @@ SAME_VALUE(VIRTIO_NET_HASH_REPORT_UDPv6_EX);
 /* The indirection lookup masks its index with MAX_TABLE_LENGTH - 1. */
 _Static_assert((MAX_TABLE_LENGTH & (MAX_TABLE_LENGTH - 1)) == 0,
 	       "MAX_TABLE_LENGTH must be a power of two");
+_Static_assert(REPORT_SLOTS > 0 && (REPORT_SLOTS & (REPORT_SLOTS - 1)) == 0,
+	       "REPORT_SLOTS must be a power of two");
 /* A read of up to MAX_ASK bytes fits in the window, and its masked index inside it. */
 _Static_assert(MAX_ASK <= WINDOW && WINDOW <= WINDOW_MASK + 1 &&
 	       (WINDOW_MASK & (WINDOW_MASK + 1)) == 0, "window sizes");
@@ -245,7 +273,18 @@ BPF_ARRAY(rss_slots, struct rss_slot, SLOT_COUNT);
 BPF_ARRAY(control, struct steering_control, 1);
 BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
-BPF_RINGBUF_OUTPUT(reports, REPORT_RING_PAGES);
+/*
+ * Reports: each CPU writes its own ring of `report_slots` (REPORT_SLOTS records from index
+ * cpu * REPORT_SLOTS), both maps mapped into the reader's memory. Writing a record there
+ * costs plain stores and one atomic add, where a record of a BPF ring buffer costs two
+ * helper calls. The BPF ring buffer `report_bell` only wakes a reader that has read
+ * everything (and may be waiting on its fd): it gets one 8-byte record whenever a CPU
+ * writes a report while its ring's tail equals the report's position.
+ */
+BPF_F_TABLE("array", u32, struct report_cursor, report_cursors, REPORT_CPUS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct steering_report, report_slots, REPORT_CPUS * REPORT_SLOTS,
+	    BPF_F_MMAPABLE);
+BPF_RINGBUF_OUTPUT(report_bell, 1);
 
 /* Make the compiler forget what it knows of `x`, so that a bound checked after this is
  * the bound the verifier sees. */
@@ -308,8 +347,8 @@ static __always_inline int loop_budget_spent(void)
 
 /*
  * Copies of addresses and ports, in words: clang copies a byte array byte by byte. The
- * words may be unaligned in the window; the verifier allows that in map values and the
- * ring buffer on a host with efficient unaligned access (x86).
+ * words may be unaligned in the window; the verifier allows that in map values (the
+ * window and the report slots are) on a host with efficient unaligned access (x86).
  */
 static __always_inline void copy4(u8 *to, const u8 *from)
 {
@@ -594,12 +633,73 @@ static __always_inline void select_ipv6(const struct rss_slot *s, const struct p
 		out->hash ^= HASH_BYTES(s, p->ports, 32, 4);
 }
 
+/*
+ * Whether this frame is the one in `report_every` that gets a report (per CPU). A countdown
+ * left from a sparser sampling does not delay a denser one.
+ */
+static __always_inline int report_due(const struct steering_control *ctl,
+				      struct steering_counters *cnt)
+{
+	u32 every = ctl->report_every;
+
+	if (!every)
+		return 0;
+	if (cnt->until_report == 0 || cnt->until_report >= every) {
+		cnt->until_report = every - 1;
+		return 1;
+	}
+	cnt->until_report--;
+	return 0;
+}
+
+/*
+ * The slot for this CPU's next report, or NULL when its ring is full (the reader has not
+ * read REPORT_SLOTS reports yet). `*cursor` and `*head` are what publish_report needs.
+ */
+static __always_inline struct steering_report *report_slot(struct report_cursor **cursor,
+							   u64 *head)
+{
+	u32 cpu = bpf_get_smp_processor_id();
+	struct report_cursor *c = report_cursors.lookup(&cpu);
+	u32 index;
+	u64 h;
+
+	if (!c)
+		return NULL;
+	h = c->head;
+	if (h - *(volatile u64 *)&c->tail >= REPORT_SLOTS)
+		return NULL;
+	index = cpu * REPORT_SLOTS + (u32)(h & (REPORT_SLOTS - 1));
+	*cursor = c;
+	*head = h;
+	return report_slots.lookup(&index);
+}
+
+/*
+ * Make the report in slot `head` visible: the record's stores come first (the compiler keeps
+ * them before the atomic add; x86 keeps stores in order), then `head` moves. The atomic add
+ * is a full barrier on x86, so the tail read after it is no older than the add: either the
+ * reader, re-reading `head` after it advanced `tail` (with a barrier too), sees this report,
+ * or this sees the reader's tail at `head` and rings the bell. No wake-up is lost.
+ */
+static __always_inline void publish_report(struct report_cursor *c, u64 head)
+{
+	u64 bell = head;
+
+	asm volatile("" ::: "memory");
+	__sync_fetch_and_add(&c->head, 1);
+	if (*(volatile u64 *)&c->tail == head)
+		report_bell.ringbuf_output(&bell, sizeof(bell), 0);
+}
+
 static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
 					 u32 queue, struct steering_counters *cnt)
 {
-	struct steering_report *r = reports.ringbuf_reserve(sizeof(struct steering_report));
+	struct report_cursor *c = NULL;
+	u64 head = 0;
+	struct steering_report *r = report_slot(&c, &head);
 
-	if (!r) {
+	if (!r || !c) {
 		cnt->reports_dropped++;
 		return;
 	}
@@ -632,8 +732,64 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 		r->l3_offset = 0;
 		r->l3_len = 0;
 	}
-	reports.ringbuf_submit(r, 0);
+	publish_report(c, head);
 	cnt->reports++;
+}
+
+/* The report of a frame that is not IP: no hash, no addresses. */
+static __always_inline void write_plain_report(u32 frame_len, u32 queue,
+					       struct steering_counters *cnt)
+{
+	struct report_cursor *c = NULL;
+	u64 head = 0;
+	struct steering_report *r = report_slot(&c, &head);
+
+	if (!r || !c) {
+		cnt->reports_dropped++;
+		return;
+	}
+	r->hash = 0;
+	r->queue = queue;
+	r->report_type = VIRTIO_NET_HASH_REPORT_NONE;
+	r->ip_version = 0;
+	r->l4_proto = 0;
+	r->flags = 0;
+	r->l3_offset = 0;
+	r->frame_len = frame_len;
+	r->l3_len = 0;
+	r->src_port = 0;
+	r->dst_port = 0;
+	publish_report(c, head);
+	cnt->reports++;
+}
+
+static __always_inline int may_start_ip(u32 ethertype)
+{
+	return ethertype == ETH_P_IP || ethertype == ETH_P_IPV6 || ethertype == ETH_P_8021Q ||
+	       ethertype == ETH_P_8021AD;
+}
+
+/*
+ * Whether the frame's outer ethertype is IPv4, IPv6 or a VLAN tag: if not, the frame
+ * computes nothing and is not read further. skb->protocol, which the sender sets, only
+ * saves the look at the frame when it names one of those (then the frame is parsed, which
+ * reads the ethertype anyway); otherwise the ethertype is read with one load (LD_ABS, much
+ * cheaper than a copy into the window). An LD_ABS that fails ends the program, so it is
+ * only used on frames holding a whole Ethernet header.
+ */
+static __always_inline int may_be_ip(struct __sk_buff *skb, u32 base, u32 frame_len)
+{
+	u32 ethertype;
+
+	if (frame_len < ETH_HLEN)
+		return 0;
+	if (may_start_ip(bpf_ntohs(skb->protocol)))
+		return 1;
+	if (base)
+		ethertype = load_half(skb, SKF_LL_OFF + ETH_HLEN - 2);
+	else
+		ethertype = load_half(skb, ETH_HLEN - 2);
+	return may_start_ip(ethertype);
 }
 
 int steer(struct __sk_buff *skb)
@@ -641,43 +797,55 @@ int steer(struct __sk_buff *skb)
 	u32 zero = 0;
 	struct steering_control *ctl = control.lookup(&zero);
 	struct steering_counters *cnt = counters.lookup(&zero);
-	struct scratch *sc = scratch.lookup(&zero);
+	struct scratch *sc;
 	struct parsed *p;
 	struct rss_slot *s;
 	struct selection sel = {};
-	u32 slot, oob_tags, types, queue;
+	u32 slot, base, frame_len, oob_tags, types, queue;
 
-	if (!ctl || !cnt || !sc)
+	if (!ctl || !cnt)
 		return 0;
 	cnt->frames++;
+	slot = ctl->active_slot % SLOT_COUNT;
+	s = rss_slots.lookup(&slot);
+	if (!s)
+		return 0;
 
-	p = &sc->p;
-	sc->base = skb->ifindex == LOOPBACK_IFINDEX ? ETH_HLEN : 0;
-	sc->win_start = 0;
-	sc->win_len = 0;
-	p->frame_len = skb->len + sc->base;
-	p->ip_version = 0;
-	p->l4_proto = 0;
-	p->has_ext = 0;
-	p->fragment = 0;
-	p->has_home = 0;
-	p->has_routed = 0;
+	base = skb->ifindex == LOOPBACK_IFINDEX ? ETH_HLEN : 0;
+	frame_len = skb->len + base;
 	/*
 	 * A VLAN tag the stack keeps out of band (tx-vlan-offload of the tap) is not in the
 	 * data; tun writes it into the frame after the MAC addresses. Parse the data, then
 	 * give lengths and offsets as in the frame the guest gets.
 	 */
 	oob_tags = skb->vlan_present ? 1 : 0;
+	if (!may_be_ip(skb, base, frame_len)) {
+		queue = s->enabled ? s->unclassified_queue : 0;
+		if (report_due(ctl, cnt))
+			write_plain_report(frame_len + 4 * oob_tags, queue, cnt);
+		return queue;
+	}
+
+	sc = scratch.lookup(&zero);
+	if (!sc)
+		return 0;
+	p = &sc->p;
+	sc->base = base;
+	sc->win_start = 0;
+	sc->win_len = 0;
+	p->frame_len = frame_len;
+	p->ip_version = 0;
+	p->l4_proto = 0;
+	p->has_ext = 0;
+	p->fragment = 0;
+	p->has_home = 0;
+	p->has_routed = 0;
 	parse_frame(skb, sc, oob_tags);
 	if (oob_tags) {
 		p->frame_len += 4;
 		p->l3_offset += 4;
 	}
 
-	slot = ctl->active_slot % SLOT_COUNT;
-	s = rss_slots.lookup(&slot);
-	if (!s)
-		return 0;
 	types = s->enabled ? s->hash_types : 0;
 	if (p->ip_version == 4)
 		select_ipv4(s, p, types, &sel);
@@ -691,14 +859,7 @@ int steer(struct __sk_buff *skb)
 	else
 		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];
 
-	if (ctl->report_every) {
-		/* A countdown left from a sparser sampling does not delay a denser one. */
-		if (cnt->until_report == 0 || cnt->until_report >= ctl->report_every) {
-			cnt->until_report = ctl->report_every - 1;
-			write_report(p, &sel, queue, cnt);
-		} else {
-			cnt->until_report--;
-		}
-	}
+	if (report_due(ctl, cnt))
+		write_report(p, &sel, queue, cnt);
 	return queue;
 }

@@ -66,7 +66,7 @@ def test_the_image_carries_every_map_of_the_compiled_program(source: ProgramSour
         for name, fd in instance.map_fds.items():
             assert fd not in compiled.map_fds.values()
             assert MapSpec.of_fd(fd) == originals[name]
-        assert instance.ring_pages == compiled.ring_pages
+        assert instance.report_slots == compiled.report_slots
 
 
 def test_two_instances_keep_their_own_maps_counters_and_reports(

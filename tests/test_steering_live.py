@@ -23,6 +23,7 @@ from tests.prereq import need_bcc, need_tun
 from tests.test_steering_conformance import EDGE_CASES, MS_IPV4, MS_IPV6, TRUNCATED_BASES
 from vnetbackend import tap
 from vnetbackend.rss import HashReport, HashType, RssConfig
+from vnetbackend.rss.frame import outer_ethertype
 from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering import Report, SteeringProgram, SteeringState
 from vnetbackend.steering.conformance import expected_report
@@ -102,16 +103,22 @@ def _receive(live: LiveTap, until: bytes) -> list[tuple[int, bytes]]:
 
 def _send_and_check(live: LiveTap, program: SteeringProgram, state: SteeringState,
                     frames: list[bytes],
-                    arrives_as: Callable[[bytes], bytes] = lambda frame: frame) -> int:
+                    arrives_as: Callable[[bytes], bytes] = lambda frame: frame,
+                    protocol: Callable[[bytes], int] | None = None) -> int:
     """Send each frame; returns how many frames came out (strays included, all checked).
 
     *arrives_as* gives the frame as the queue delivers it (e.g. with a VLAN tag added).
+    *protocol* gives the skb protocol to send a frame with (by default the kernel takes
+    the frame's own ethertype).
     """
     reader = program.reports()
     reader.drain()
     seen = 0
     for frame in frames:
-        assert live.sender.send(frame) == len(frame)
+        if protocol is None:
+            assert live.sender.send(frame) == len(frame)
+        else:
+            assert live.sender.sendto(frame, (live.name, protocol(frame))) == len(frame)
         received = _receive(live, arrives_as(frame))
         reports = collections.Counter(reader.drain())
         for queue, got in received:
@@ -178,6 +185,29 @@ def test_every_truncation_and_frames_a_test_run_cannot_take(live: LiveTap,
     assert any(not runnable(frame) for frame in frames)
     assert any(not runnable(frame) for _, frame, _ in EDGE_CASES)
     _send_and_check(live, program, state, frames)
+
+
+def test_the_skb_protocol_does_not_decide(live: LiveTap, program: SteeringProgram) -> None:
+    """The sender sets skb->protocol, which the program uses only to skip a look at the
+    frame: frames sent with a protocol their bytes contradict (IP frames as ARP, frames
+    that are not IP as IPv4 or IPv6) are steered and reported by their bytes."""
+    state = _states()[0]
+    _apply(program, state)
+    frames = [*_corpus(), f.BROADCAST_MAC + f.HOST_MAC + b"\x08\x06" + bytes(28),
+              f.BROADCAST_MAC + f.HOST_MAC + b"\x88\xcc" + bytes(40)]
+    ip_like = {0x0800, 0x86DD, 0x8100, 0x88A8}
+    assert sum(outer_ethertype(frame) not in ip_like for frame in frames) >= 3
+
+    def contradicting(frame: bytes) -> int:
+        return 0x86DD if outer_ethertype(frame) not in ip_like else 0x0806
+
+    def agreeing(frame: bytes) -> int:
+        return outer_ethertype(frame)
+
+    program.reset_counters()
+    seen = _send_and_check(live, program, state, frames, protocol=contradicting)
+    seen += _send_and_check(live, program, state, frames, protocol=agreeing)
+    assert program.counters().reports == seen >= 2 * len(frames)
 
 
 def test_detached_program_sees_nothing_until_attached_again(live: LiveTap,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +26,10 @@ from vnetbackend.steering import (
 from vnetbackend.steering.conformance import expected_report, run_frames
 from vnetbackend.steering.layout import MIRRORS
 from vnetbackend.steering.program import SOURCE_PATH
+from vnetbackend.steering.reports import ReportRingError
 from vnetbackend.testbed import frames as f
+
+WAIT_S = 5.0
 
 TCP4 = sample_frames()["ipv4_tcp"]
 
@@ -161,15 +167,15 @@ def test_counters_and_sampling(program: SteeringProgram) -> None:
 
 def test_a_full_ring_counts_dropped_reports() -> None:
     need_bcc()
-    with SteeringProgram(ring_pages=1) as small:
+    slots = 64
+    with SteeringProgram(report_slots=slots) as small:
         small.apply(_config())
         small.set_reports(1)
         reader = small.reports()
-        prog_test_run(small.fd, TCP4, repeat=200)
+        prog_test_run(small.fd, TCP4, repeat=200)  # one test run stays on one CPU
         counters = small.counters()
-        assert counters.frames == 200
-        assert counters.reports_dropped > 0
-        assert counters.reports + counters.reports_dropped == 200
+        assert (counters.frames, counters.reports, counters.reports_dropped) == (
+            200, slots, 200 - slots)
         drained = reader.drain()
         assert len(drained) == counters.reports
         assert {r.hash for r in drained} == {_config().steer(TCP4).hash}
@@ -177,9 +183,34 @@ def test_a_full_ring_counts_dropped_reports() -> None:
         assert len(reader.drain()) == 10
 
 
-def test_ring_pages_must_be_a_power_of_two() -> None:
+def test_the_ring_wraps_around() -> None:
+    """Reports of every length go round a small ring many times, in order, none lost."""
+    need_bcc()
+    frames = [f.frame(f.ipv4("10.0.0.1", "10.0.0.2", f.udp(port, 53))) + bytes(port)
+              for port in range(1, 8)]
+    with SteeringProgram(report_slots=8) as small:
+        small.apply(_config())
+        small.set_reports(1)
+        reader = small.reports()
+        for round_ in range(20):
+            batch = frames[: 1 + round_ % len(frames)]
+            for frame in batch:
+                prog_test_run(small.fd, frame)
+            assert [r.frame_len for r in reader.drain()] == [len(frame) for frame in batch]
+        assert small.counters().reports_dropped == 0
+
+
+def test_a_reader_outliving_its_program_gets_a_clear_error() -> None:
+    need_bcc()
+    with SteeringProgram(report_slots=8) as short_lived:
+        reader = short_lived.reports()
+    with pytest.raises(ReportRingError, match="closed"):
+        reader.drain()
+
+
+def test_report_slots_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
-        SteeringProgram(ring_pages=3)
+        SteeringProgram(report_slots=3)
 
 
 async def test_reports_arrive_in_the_asyncio_loop(program: SteeringProgram) -> None:
@@ -208,3 +239,41 @@ async def test_reports_arrive_in_the_asyncio_loop(program: SteeringProgram) -> N
     assert await waiting == list(range(5))
     with pytest.raises(TimeoutError):
         await reader.next(timeout=0.05)
+
+
+async def test_no_report_is_left_unannounced(program: SteeringProgram) -> None:
+    """Ping-pong across CPUs: a thread (on another CPU when there is one) writes one report
+    as the reader goes to sleep on the bell; every report must wake it. A lost wake-up
+    shows as a timeout."""
+    program.apply(_config())
+    program.set_reports(1)
+    reader = program.reports()
+    reader.drain()
+    rounds = 3000
+    frames = [f.frame(f.ipv4("10.0.0.1", "10.0.0.2", f.udp(port, 53))) for port in (1, 2)]
+    loop = asyncio.get_running_loop()
+    turn = threading.Semaphore(0)
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def writer() -> None:
+        os.sched_setaffinity(0, {cpus[-1]})  # this thread only
+        spread = random.Random(7)
+        for n in range(rounds):
+            if not turn.acquire(timeout=WAIT_S):
+                return
+            # Land at different points of the reader's scan, from before it to after it.
+            until = time.perf_counter() + spread.uniform(0, 60e-6)
+            while time.perf_counter() < until:
+                pass
+            prog_test_run(program.fd, frames[n % 2])
+
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        writing = loop.run_in_executor(None, writer)
+        for n in range(rounds):
+            turn.release()
+            report = await reader.next(timeout=WAIT_S)
+            assert report.src_port == 1 + n % 2, n
+        await writing
+    finally:
+        os.sched_setaffinity(0, set(cpus))

@@ -4,24 +4,24 @@ Each figure is the median, over --rounds rounds, of the mean run time per frame 
 --repeat runs of one frame, as the kernel measures it.
 
 * ``ns``: reports off.
-* ``ns_reports``: a report for every frame into the program's default ring buffer, which
-  is emptied every `chunk` runs, the way a consumer that keeps up sees it: every report
-  is really written, none dropped.
-* ``ns_reports_unread``: a report for every frame, all --repeat runs at once into a ring
-  large enough to hold them, with nobody reading (the ring's memory is cold).
+* ``ns_reports``: a report for every frame into the program's default report rings, which
+  are emptied every `chunk` runs, the way a reader that keeps up sees it: every report
+  is really written, none dropped (the first report after each emptying also rings the
+  reader's bell).
+* ``ns_reports_unread``: a report for every frame, all --repeat runs at once into rings
+  large enough to hold them, with nobody reading (the rings' memory is cold).
 * ``ns_bitwise``: the same program built to hash bit by bit the way QEMU does (for each
   set input bit, XOR in the key's 32-bit window at that bit), reports off.
 
 Ratios are to the empty program (``ratio*``, and ``bitwise_ratio`` for the yardstick
 itself) and to the bit-by-bit build (``*_to_bitwise``). ``reports_dropped`` counts
-reservations that failed anyway (0 means all were timed writes).
+reports that found their ring full anyway (0 means all were timed writes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,13 +31,9 @@ from vnetbackend.bench.samples import sample_frames
 from vnetbackend.rss import ALL_HASH_TYPES, RssConfig
 from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering import SteeringProgram, prog_test_run
-from vnetbackend.steering.layout import SteeringReport
-from vnetbackend.steering.program import DEFAULT_RING_PAGES, SOURCE_PATH
+from vnetbackend.steering.program import DEFAULT_REPORT_SLOTS, SOURCE_PATH
 
 EMPTY_PROGRAM = b"int empty(struct __sk_buff *skb) { return 0; }"
-PAGE_SIZE = 4096
-RING_RECORD_HEADER = 8
-RECORD_BYTES = RING_RECORD_HEADER + (-(-ctypes.sizeof(SteeringReport) // 8) * 8)
 #: (case, figure) -> the most it may be, as a multiple of the empty program.
 TARGETS = {
     ("ipv4_tcp", "ratio"): 2.5,
@@ -64,12 +60,12 @@ def bitwise_program() -> Iterator[SteeringProgram]:
             yield program
 
 
-def _pages_for(records: int) -> int:
-    """Ring pages (a power of two) for *records* reports and a page of slack."""
-    pages = 1
-    while pages * PAGE_SIZE < records * RECORD_BYTES + PAGE_SIZE:
-        pages *= 2
-    return pages
+def _slots_for(records: int) -> int:
+    """Report slots per CPU (a power of two) for *records* reports."""
+    slots = 1
+    while slots < records:
+        slots *= 2
+    return slots
 
 
 class _Timer:
@@ -109,13 +105,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     config = RssConfig(hash_types=ALL_HASH_TYPES, key=MICROSOFT_KEY,
                        indirection_table=range(128), queues=128)
     timer = _Timer(args.repeat)
-    chunk = DEFAULT_RING_PAGES * PAGE_SIZE // RECORD_BYTES // 2
+    chunk = DEFAULT_REPORT_SLOTS // 2
     empty = BPF(text=EMPTY_PROGRAM)
     empty_fd = empty.load_func(b"empty", BPF.SOCKET_FILTER).fd
     cases: dict[str, dict[str, float]] = {}
     written = dropped = 0
     with SteeringProgram() as program, \
-            SteeringProgram(ring_pages=_pages_for(args.repeat)) as big_ring, \
+            SteeringProgram(report_slots=_slots_for(args.repeat)) as big_ring, \
             bitwise_program() as bitwise:
         for loaded in (program, big_ring, bitwise):
             loaded.apply(config)
@@ -152,9 +148,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "cases": cases,
         "repeat": args.repeat,
         "rounds": args.rounds,
-        "ring_pages": DEFAULT_RING_PAGES,
+        "report_slots": DEFAULT_REPORT_SLOTS,
         "drain_every": chunk,
-        "unread_ring_pages": _pages_for(args.repeat),
+        "unread_report_slots": _slots_for(args.repeat),
         "reports_written": written,
         "reports_dropped": dropped,
         "targets": {f"{name}.{figure}": limit for (name, figure), limit in TARGETS.items()},

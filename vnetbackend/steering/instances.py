@@ -31,7 +31,6 @@ _BPF_MAP_CREATE = 0
 _BPF_PROG_LOAD = 5
 _BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_TYPE_SOCKET_FILTER = 1
-BPF_MAP_TYPE_RINGBUF = 27
 _BPF_PSEUDO_MAP_FD = 1
 _BPF_PSEUDO_MAP_VALUE = 2
 _LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW
@@ -146,10 +145,16 @@ class ProgramImage:
         return cls(instructions, license_, maps, tuple(references))
 
     @property
-    def ring_pages(self) -> int:
-        """The report ring's size in pages (the ring buffer map's size)."""
-        rings = [spec for spec in self.maps if spec.map_type == BPF_MAP_TYPE_RINGBUF]
-        return rings[0].max_entries // os.sysconf("SC_PAGE_SIZE") if rings else 0
+    def report_shape(self) -> tuple[int, int]:
+        """(rings, records per ring) of the report rings: one cursor per ring in
+        ``report_cursors``, all rings' records in ``report_slots``."""
+        sizes = {spec.name: spec.max_entries for spec in self.maps}
+        try:
+            rings = sizes["report_cursors"]
+            return rings, sizes["report_slots"] // rings
+        except (KeyError, ZeroDivisionError):
+            raise SteeringError(f"the program has no report rings: maps {sorted(sizes)}"
+                                ) from None
 
     def load(self) -> SteeringProgram:
         """A new instance: new maps, the program loaded and verified on them."""
@@ -164,7 +169,7 @@ class ProgramImage:
             raise
         return SteeringProgram.from_loaded(
             prog_fd, {spec.name: fd for spec, fd in zip(self.maps, fds, strict=True)},
-            self.ring_pages, _closer([prog_fd, *fds]))
+            *self.report_shape, _closer([prog_fd, *fds]))
 
     def _load_with(self, map_fds: list[int]) -> int:
         code = bytearray(self.instructions)

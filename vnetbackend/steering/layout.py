@@ -77,8 +77,20 @@ class SteeringCounters(ct.Structure):
     ]
 
 
+class ReportCursor(ct.Structure):
+    """Where one CPU's report ring stands (``struct report_cursor``): the program writes
+    ``head``, the reader ``tail``, each on its own cache line."""
+
+    _fields_ = [
+        ("head", ct.c_uint64),
+        ("head_line", ct.c_uint64 * 7),
+        ("tail", ct.c_uint64),
+        ("tail_line", ct.c_uint64 * 7),
+    ]
+
+
 class SteeringReport(ct.Structure):
-    """One ring-buffer record (``struct steering_report``). Only the address bytes the IP
+    """One report record (``struct steering_report``). Only the address bytes the IP
     version uses are written; the rest of ``src`` and ``dst`` is undefined."""
 
     _fields_ = [
@@ -103,6 +115,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "rss_slot": RssSlot,
     "steering_control": SteeringControl,
     "steering_counters": SteeringCounters,
+    "report_cursor": ReportCursor,
     "steering_report": SteeringReport,
 }
 

@@ -39,12 +39,13 @@ from vnetbackend.steering.layout import (
     SteeringCounters,
     layout_defines,
 )
-from vnetbackend.steering.reports import ReportReader
+from vnetbackend.steering.reports import ReportReader, ReportRings
 from vnetbackend.steering.ring import RingBuffer
 
 #: Where the C source lives: ``bpf/`` at the top of the repository.
 SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
-DEFAULT_RING_PAGES = 64
+#: Records in each CPU's report ring (a power of two).
+DEFAULT_REPORT_SLOTS = 4096
 
 
 class SteeringError(VnetError):
@@ -99,13 +100,13 @@ def _map_call(name: str, what: str, result: int) -> None:
 class SteeringProgram:
     """The steering program, loaded and verified, with its maps.
 
-    *ring_pages* sizes the report ring buffer (a power of two, in pages).
+    *report_slots* sizes each CPU's report ring (a power of two, in records).
     """
 
-    def __init__(self, *, ring_pages: int = DEFAULT_RING_PAGES,
+    def __init__(self, *, report_slots: int = DEFAULT_REPORT_SLOTS,
                  source: Path = SOURCE_PATH) -> None:
-        if ring_pages < 1 or ring_pages & (ring_pages - 1):
-            raise ValueError(f"ring_pages must be a power of two, got {ring_pages}")
+        if report_slots < 1 or report_slots & (report_slots - 1):
+            raise ValueError(f"report_slots must be a power of two, got {report_slots}")
         try:
             text = source.read_text()
         except OSError as err:
@@ -115,10 +116,15 @@ class SteeringProgram:
         from bcc.utils import get_possible_cpus
 
         self._lib = lib
+        possible = get_possible_cpus()
+        self._cpus = len(possible)  # values in a per-CPU map
+        # The report rings are indexed by CPU number: one for every number a CPU can have.
+        self._ring_cpus = max(possible) + 1
         with _compiler_output() as diagnostics:
             try:
                 self._bpf = BPF(text=text.encode(),
-                                cflags=[f"-DREPORT_RING_PAGES={ring_pages}",
+                                cflags=[f"-DREPORT_CPUS={self._ring_cpus}",
+                                        f"-DREPORT_SLOTS={report_slots}",
                                         *layout_defines()])
                 self._function = self._bpf.load_func(b"steer", BPF.SOCKET_FILTER)
             except Exception as err:  # bcc raises bare Exception for compile/verifier errors
@@ -129,21 +135,23 @@ class SteeringProgram:
             errors = [line for line in diagnostics() if "error:" in line]
             raise SteeringError("\n".join([f"loading {source.name}: {failure}", *errors])
                                 ) from failure
-        self._cpus = len(get_possible_cpus())
         self._fds = {name: self._bpf[name.encode()].map_fd
-                     for name in ("rss_slots", "control", "counters", "reports")}
-        self.ring_pages = ring_pages
+                     for name in ("rss_slots", "control", "counters", "report_cursors",
+                                  "report_slots", "report_bell")}
+        self.report_slots = report_slots
+        self._rings: ReportRings | None = None
         self._reader: ReportReader | None = None
+        self._bell: RingBuffer | None = None
         self._prog_fd, self._release = self._function.fd, self._bpf.cleanup
-        self._ring: RingBuffer | None = None
 
     # -- instances loaded without compiling (vnetbackend.steering.instances) -----------
 
     @classmethod
-    def from_loaded(cls, prog_fd: int, map_fds: Mapping[str, int], ring_pages: int,
-                    release: Callable[[], None]) -> SteeringProgram:
+    def from_loaded(cls, prog_fd: int, map_fds: Mapping[str, int], report_cpus: int,
+                    report_slots: int, release: Callable[[], None]) -> SteeringProgram:
         """A program some other loader put in the kernel: *prog_fd* and its maps by name
-        (the names the C source gives them); *release* closes them all."""
+        (the names the C source gives them), its report rings' shape (*report_cpus* rings
+        of *report_slots* records); *release* closes them all."""
         from bcc.libbcc import lib
         from bcc.utils import get_possible_cpus
 
@@ -151,10 +159,9 @@ class SteeringProgram:
         program._lib, program._cpus = lib, len(get_possible_cpus())
         program._bpf = None
         program._fds = dict(map_fds)
-        program.ring_pages = ring_pages
-        program._reader = None
+        program._ring_cpus, program.report_slots = report_cpus, report_slots
+        program._rings = program._reader = program._bell = None
         program._prog_fd, program._release = prog_fd, release
-        program._ring = None
         return program
 
     def compiled(self) -> tuple[bytes, str]:
@@ -181,9 +188,12 @@ class SteeringProgram:
 
     def close(self) -> None:
         """Unload (a tap the program is attached to keeps its own reference)."""
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        if self._rings is not None:
+            self._rings.close()
+            self._rings = self._reader = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         self._release()
 
     def __enter__(self) -> SteeringProgram:
@@ -299,11 +309,14 @@ class SteeringProgram:
         self._update("counters", 0, (SteeringCounters * self._cpus)())
 
     def reports(self) -> ReportReader:
-        """The reader of this program's report ring buffer (one per program)."""
+        """The reader of this program's report rings (one per program)."""
         if self._reader is None:
-            self._ring = RingBuffer(self._fds["reports"])
-            self._reader = ReportReader(self._ring.open, self._ring.consume,
-                                        self._fds["reports"])
+            self._bell = RingBuffer(self._fds["report_bell"])
+            self._bell.open(lambda _ctx, _data, _size: 0)
+            self._rings = ReportRings(self._fds["report_cursors"], self._fds["report_slots"],
+                                      self._fds["report_bell"], self._bell.consume,
+                                      cpus=self._ring_cpus, slots=self.report_slots)
+            self._reader = ReportReader(self._rings)
         return self._reader
 
     # -- taps ---------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Per-packet hash reports from the steering program's ring buffer.
+"""Per-packet hash reports from the steering program's report rings.
 
-`ReportReader.drain()` returns what is in the ring now; iterating it with ``async for``
-waits on the ring buffer's fd in the running asyncio loop (``loop.add_reader``), so reports
-arrive without polling or threads.
+The program writes each report into a ring of its own CPU, held in two array maps that
+`ReportRings` maps into this process (bpf/steering.bpf.c says how the two sides meet).
+`ReportReader.drain()` returns what is in the rings now; iterating it with ``async for``
+waits on the program's bell (a BPF ring buffer that gets a record whenever a report lands
+in a ring the reader had emptied) in the running asyncio loop (``loop.add_reader``), so
+reports arrive without polling or threads. Reports of one CPU come oldest first; reports
+of different CPUs come in no particular order.
 """
 
 from __future__ import annotations
@@ -10,14 +14,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes as ct
+import mmap
+import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
+from vnetbackend.errors import VnetError
 from vnetbackend.rss.types import HashReport
 from vnetbackend.steering.layout import (
     REPORT_FLAG_EXT_HEADERS,
     REPORT_FLAG_FRAGMENT,
+    ReportCursor,
     SteeringReport,
 )
 
@@ -67,60 +75,185 @@ class Report:
 
 
 _RECORD_SIZE = ct.sizeof(SteeringReport)
+_CURSOR_SIZE = ct.sizeof(ReportCursor)
+_HEAD = ReportCursor.head.offset
+_TAIL = ReportCursor.tail.offset
+_SEQ_CST = 5  # __ATOMIC_SEQ_CST
+
+
+class ReportRingError(VnetError):
+    """The report rings could not be mapped into this process, or were closed."""
+
+
+class _Atomics:
+    """Sequentially consistent 64-bit loads and exchanges (libatomic): on x86 the exchange
+    is a full barrier, which the handshake with the program needs (see `ReportRings`)."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ct.CDLL("libatomic.so.1")
+        except OSError as err:
+            raise ReportRingError(f"report rings need libatomic.so.1: {err}") from None
+        self.load = lib["__atomic_load_8"]
+        self.load.argtypes = [ct.c_void_p, ct.c_int]
+        self.load.restype = ct.c_uint64
+        self.exchange = lib["__atomic_exchange_8"]
+        self.exchange.argtypes = [ct.c_void_p, ct.c_uint64, ct.c_int]
+        self.exchange.restype = ct.c_uint64
+
+
+_libc = ct.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int, ct.c_int, ct.c_int, ct.c_long]
+_libc.mmap.restype = ct.c_void_p
+_libc.munmap.argtypes = [ct.c_void_p, ct.c_size_t]
+_libc.munmap.restype = ct.c_int
+_MAP_FAILED = ct.c_void_p(-1).value
+
+
+def _map_shared(fd: int, length: int, what: str) -> tuple[int, int]:
+    """(address, length) of *fd*'s first *length* bytes (rounded up to pages), shared."""
+    length = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
+    address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                         fd, 0)
+    if address in (None, _MAP_FAILED):
+        err = ct.get_errno()
+        raise ReportRingError(f"mapping the report {what} (fd {fd}, {length} bytes): "
+                              f"{os.strerror(err)}")
+    return address, length
+
+
+class ReportSource(Protocol):
+    """Where a `ReportReader` gets its records and what it waits on."""
+
+    @property
+    def fd(self) -> int: ...
+
+    def take(self) -> list[bytes]: ...
+
+    def skip(self) -> int: ...
+
+
+class ReportRings:
+    """The program's report rings: *cpus* rings of *slots* records, mapped from the maps
+    `report_cursors` (*cursors_fd*) and `report_slots` (*slots_fd*); *bell_fd* is the bell
+    ring buffer's fd and *consume_bell* empties it.
+
+    The reader's side of the handshake: read `head`, copy the records up to it, then move
+    `tail` with an atomic exchange (a full barrier) and read `head` again; stop only when it
+    has not moved. The program moves `head` with an atomic add and then reads `tail`: one of
+    the two sees the other, so a report written while the reader goes to sleep rings the bell.
+    """
+
+    def __init__(self, cursors_fd: int, slots_fd: int, bell_fd: int,
+                 consume_bell: Callable[[], None], *, cpus: int, slots: int) -> None:
+        self._atomics = _Atomics()
+        self._cpus, self._slots = cpus, slots
+        self._bell_fd, self._consume_bell = bell_fd, consume_bell
+        self._cursors, self._cursors_len = _map_shared(cursors_fd, cpus * _CURSOR_SIZE,
+                                                       "cursors")
+        try:
+            self._records, self._records_len = _map_shared(
+                slots_fd, cpus * slots * _RECORD_SIZE, "slots")
+        except ReportRingError:
+            _libc.munmap(self._cursors, self._cursors_len)
+            raise
+        self._closed = False
+        self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, _SEQ_CST)
+                       for cpu in range(cpus)]
+
+    @property
+    def fd(self) -> int:
+        return self._bell_fd
+
+    def _cursor(self, cpu: int) -> int:
+        return self._cursors + cpu * _CURSOR_SIZE
+
+    def _advance(self, on_record: Callable[[int, int], None] | None) -> int:
+        """Move every CPU's tail to its head; *on_record* gets (cpu, position) of each
+        record before its slot is handed back. Returns how many records there were."""
+        if self._closed:
+            raise ReportRingError("the report rings were closed with their program")
+        self._consume_bell()
+        total = 0
+        for cpu in range(self._cpus):
+            cursor, tail = self._cursor(cpu), self._tails[cpu]
+            while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
+                # The program never runs more than a ring ahead of the tail it saw.
+                tail = min(max(tail, head - self._slots), head)
+                if on_record is not None:
+                    for position in range(tail, head):
+                        on_record(cpu, position)
+                total += head - tail
+                tail = head
+                self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
+            self._tails[cpu] = tail
+        return total
+
+    def take(self) -> list[bytes]:
+        """The records written since the last call: oldest first per CPU."""
+        records: list[bytes] = []
+
+        def copy(cpu: int, position: int) -> None:
+            slot = cpu * self._slots + position % self._slots
+            records.append(ct.string_at(self._records + slot * _RECORD_SIZE, _RECORD_SIZE))
+
+        self._advance(copy)
+        return records
+
+    def skip(self) -> int:
+        """Hand every written record back unread; returns how many there were."""
+        return self._advance(None)
+
+    def close(self) -> None:
+        """Unmap the rings; reading them afterwards raises ReportRingError."""
+        if not self._closed:
+            self._closed = True
+            _libc.munmap(self._records, self._records_len)
+            _libc.munmap(self._cursors, self._cursors_len)
 
 
 class ReportReader:
-    """Reads the program's report ring buffer (one reader per loaded program).
+    """Reads the program's reports from *source* (one reader per loaded program).
 
-    *open_ring* registers a callback ``(ctx, data, size)`` with bcc; *consume* makes bcc
-    call it for every record in the ring; *ring_fd* is the ring buffer map's fd.
     Records that cannot be decoded are counted in ``malformed`` and skipped.
     """
 
-    def __init__(self, open_ring: Callable[[Callable[[Any, int, int], int]], None],
-                 consume: Callable[[], None], ring_fd: int) -> None:
-        self._consume = consume
-        self._ring_fd = ring_fd
+    def __init__(self, source: ReportSource) -> None:
+        self._source = source
         self._ready: collections.deque[Report] = collections.deque()
-        self._discarding = False
-        self._discarded = 0
         self.malformed = 0
-        open_ring(self._on_record)
 
-    def _on_record(self, _ctx: Any, data: int, size: int) -> int:
-        if self._discarding:
-            self._discarded += 1
-            return 0
-        if size < _RECORD_SIZE:
+    def _decode(self, data: bytes) -> None:
+        if len(data) < _RECORD_SIZE:
             self.malformed += 1
-            return 0
-        record = SteeringReport.from_buffer_copy(ct.string_at(data, _RECORD_SIZE))
+            return
+        record = SteeringReport.from_buffer_copy(data[:_RECORD_SIZE])
         try:
             report = Report.from_record(record)
         except ValueError:  # a report type the specification does not have
             self.malformed += 1
-            return 0
+            return
         self._ready.append(report)
-        return 0
+
+    def _consume(self) -> None:
+        for data in self._source.take():
+            self._decode(data)
 
     def drain(self) -> list[Report]:
-        """Every report written so far and not yet returned, oldest first."""
+        """Every report written so far and not yet returned (oldest first per CPU)."""
         self._consume()
         reports = list(self._ready)
         self._ready.clear()
         return reports
 
     def discard(self) -> int:
-        """Empty the ring without decoding (for benchmarks); returns how many records."""
-        self._discarding, self._discarded = True, 0
-        try:
-            self._consume()
-        finally:
-            self._discarding = False
-        return self._discarded + len(self.drain())
+        """Empty the rings without decoding (for benchmarks); returns how many records."""
+        pending = len(self._ready)
+        self._ready.clear()
+        return pending + self._source.skip()
 
     async def next(self, timeout: float | None = None) -> Report:
-        """The next report; waits on the ring buffer fd (TimeoutError after *timeout* s)."""
+        """The next report; waits on the bell's fd (TimeoutError after *timeout* s)."""
         self._consume()
         if self._ready:
             return self._ready.popleft()
@@ -132,13 +265,13 @@ class ReportReader:
             if self._ready:
                 arrived.set()
 
-        loop.add_reader(self._ring_fd, on_readable)
+        loop.add_reader(self._source.fd, on_readable)
         try:
             on_readable()  # a record may have landed before the reader was added
             async with asyncio.timeout(timeout):
                 await arrived.wait()
         finally:
-            loop.remove_reader(self._ring_fd)
+            loop.remove_reader(self._source.fd)
         return self._ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[Report]:
