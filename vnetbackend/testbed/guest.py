@@ -3,7 +3,8 @@
 `boot_guest` is an async context manager: it creates a tap, opens one queue fd per queue
 pair, starts QEMU paused on them, connects its control monitor and the agent port,
 lets the guest run and waits for the guest's own ready line (booting once more if the
-guest's console goes silent first: see `BOOT_ATTEMPTS`). On leaving (normally or by an
+guest's console goes silent first, or QEMU dies of a crash `vnetbackend.testbed.qemu_issues`
+knows: see `BOOT_ATTEMPTS`). On leaving (normally or by an
 exception, including a failed boot) QEMU is stopped, the fds closed, the tap deleted and
 the run directory removed.
 """
@@ -32,6 +33,7 @@ from vnetbackend.qemu.installs import choose_qemu
 from vnetbackend.qemu.process import quoted
 from vnetbackend.testbed.agent import AgentError, GuestAgent
 from vnetbackend.testbed.image import GuestImage, chosen_series, find_guest_image
+from vnetbackend.testbed.qemu_issues import KnownQemuCrash, QemuCrash, known_crash
 from vnetbackend.testbed.vm import GUEST_MAC_BYTES, QemuProcess, VmPaths, VmSpec
 
 #: Boot-to-ready under TCG is ~5 s on an idle machine; the test machine is shared.
@@ -90,6 +92,14 @@ class _BootStalled(VnetError):
     def __init__(self, stall: GuestStalled) -> None:
         super().__init__(str(stall))
         self.stall = stall
+
+
+class _BootCrashed(VnetError):
+    """One boot ended in a known QEMU crash (`vnetbackend.testbed.qemu_issues`)."""
+
+    def __init__(self, crash: QemuCrash, failure: GuestBootError) -> None:
+        super().__init__(f"QEMU crashed as {crash.name} does: {crash.description}")
+        self.failure = failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +278,12 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
                                          stall.command) from None
                 warnings.warn(stall, stacklevel=2)
                 continue
+            except _BootCrashed as crashed:
+                await vm.aclose()
+                if attempt == BOOT_ATTEMPTS:
+                    raise crashed.failure from None
+                warnings.warn(KnownQemuCrash(f"{crashed}; booting again"), stacklevel=2)
+                continue
             except BaseException:
                 await vm.aclose()
                 raise
@@ -299,8 +315,12 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
                                         quoted(qemu.argv), await _vcpu_state(control))
                            ) from None
     except (AgentError, OSError, QMPError) as err:
-        raise GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
-                             quoted(qemu.argv)) from None
+        failure = GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
+                                 quoted(qemu.argv))
+        crash = known_crash(qemu.log_text(), qemu_version) if qemu.returncode else None
+        if crash is not None:
+            raise _BootCrashed(crash, failure) from None
+        raise failure from None
     return Guest(tap_name=tap_name, mac=GUEST_MAC_BYTES, qemu=qemu,
                  agent=agent, control=control, boot_seconds=time.monotonic() - started,
                  queue_fds=list(spec.tap_fds), qemu_version=qemu_version)
