@@ -36,6 +36,10 @@ FORBIDDEN = {
                            "vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
     "vnetbackend.checker": ("vnetbackend.mirror", "vnetbackend.daemon",
                             "vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
+    "vnetbackend.kernel_check": ("vnetbackend.qemu", "vnetbackend.mirror",
+                                 "vnetbackend.checker", "vnetbackend.daemon",
+                                 "vnetbackend.testbed", "vnetbackend.bench",
+                                 "vnetbackend.demo"),
     "vnetbackend.daemon": ("vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
 }
 

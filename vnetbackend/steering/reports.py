@@ -2,7 +2,9 @@
 
 The program writes each report into a ring of its own CPU, held in two array maps that
 `ReportRings` maps into this process (bpf/steering.bpf.c says how the two sides meet).
-`ReportReader.drain()` returns what is in the rings now; iterating it with ``async for``
+`ReportReader.drain()` returns what is in the rings now; `ReportRings.take_batch()` copies
+it as one numpy array of records (the layout's dtype, `RECORD_DTYPE`) with no per-record
+Python work, for readers that judge reports in bulk; iterating a reader with ``async for``
 waits on the program's bell (a BPF ring buffer that gets a record whenever a report lands
 in a ring the reader had emptied) in the running asyncio loop (``loop.add_reader``), so
 reports arrive without polling or threads. Reports of one CPU come oldest first; reports
@@ -17,12 +19,16 @@ import ctypes as ct
 import mmap
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from vnetbackend.errors import VnetError
 from vnetbackend.rss.types import HashReport
 from vnetbackend.steering.layout import (
+    REPORT_FLAG_EX_DST,
+    REPORT_FLAG_EX_SRC,
     REPORT_FLAG_EXT_HEADERS,
     REPORT_FLAG_FRAGMENT,
     ReportCursor,
@@ -36,6 +42,11 @@ class Report:
 
     ``src``/``dst`` are the IP header's addresses (4 or 16 bytes, empty for non-IP);
     ports are 0 unless ``l4_proto`` says the transport header counted (6 or 17).
+    ``hashed_src``/``hashed_dst`` are the addresses the hash took: the `_EX` ones (home
+    address, type 2 routing header) where the program used them, else ``src``/``dst``.
+    ``generation`` names the configuration that steered the frame
+    (`SteeringProgram.generation`); it is not compared, being the program's bookkeeping
+    rather than what it decided.
     """
 
     queue: int
@@ -52,17 +63,21 @@ class Report:
     frame_len: int
     has_ext_headers: bool
     fragment: bool
+    hashed_src: bytes = b""
+    hashed_dst: bytes = b""
+    generation: int = field(default=0, compare=False)
 
     @classmethod
     def from_record(cls, record: SteeringReport) -> Report:
         width = {4: 4, 6: 16}.get(record.ip_version, 0)
+        src, dst = bytes(record.src)[:width], bytes(record.dst)[:width]
         return cls(
             queue=record.queue,
             hash=record.hash,
             report=HashReport(record.report_type),
             ip_version=record.ip_version,
-            src=bytes(record.src)[:width],
-            dst=bytes(record.dst)[:width],
+            src=src,
+            dst=dst,
             l4_proto=record.l4_proto,
             src_port=record.src_port,
             dst_port=record.dst_port,
@@ -71,10 +86,17 @@ class Report:
             frame_len=record.frame_len,
             has_ext_headers=bool(record.flags & REPORT_FLAG_EXT_HEADERS),
             fragment=bool(record.flags & REPORT_FLAG_FRAGMENT),
+            hashed_src=bytes(record.ex_src)[:width] if record.flags & REPORT_FLAG_EX_SRC
+            else src,
+            hashed_dst=bytes(record.ex_dst)[:width] if record.flags & REPORT_FLAG_EX_DST
+            else dst,
+            generation=record.generation,
         )
 
 
 _RECORD_SIZE = ct.sizeof(SteeringReport)
+#: One report record as a numpy structured type (fields as in `SteeringReport`).
+RECORD_DTYPE = np.dtype(SteeringReport)
 _CURSOR_SIZE = ct.sizeof(ReportCursor)
 _HEAD = ReportCursor.head.offset
 _TAIL = ReportCursor.tail.offset
@@ -157,7 +179,10 @@ class ReportRings:
         except ReportRingError:
             _libc.munmap(self._cursors, self._cursors_len)
             raise
+        records = (ct.c_char * (cpus * slots * _RECORD_SIZE)).from_address(self._records)
+        self._array = np.frombuffer(records, dtype=RECORD_DTYPE)
         self._closed = False
+        self.taken = 0
         self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, _SEQ_CST)
                        for cpu in range(cpus)]
 
@@ -204,10 +229,36 @@ class ReportRings:
         """Hand every written record back unread; returns how many there were."""
         return self._advance(None)
 
+    def take_batch(self) -> np.ndarray:
+        """The records written since the last call as one array of `RECORD_DTYPE`
+        (oldest first per CPU): each CPU's run is copied with at most two slices (the
+        ring may wrap), before its slots are handed back to the program."""
+        if self._closed:
+            raise ReportRingError("the report rings were closed with their program")
+        self._consume_bell()
+        pieces = []
+        for cpu in range(self._cpus):
+            cursor, tail = self._cursor(cpu), self._tails[cpu]
+            while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
+                tail = min(max(tail, head - self._slots), head)
+                base = cpu * self._slots
+                first, count = tail % self._slots, head - tail
+                upto = min(first + count, self._slots)
+                pieces.append(self._array[base + first: base + upto].copy())
+                if first + count > self._slots:
+                    pieces.append(self._array[base: base + first + count - self._slots].copy())
+                tail = head
+                self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
+            self._tails[cpu] = tail
+        batch = np.concatenate(pieces) if pieces else np.empty(0, RECORD_DTYPE)
+        self.taken += len(batch)
+        return batch
+
     def close(self) -> None:
         """Unmap the rings; reading them afterwards raises ReportRingError."""
         if not self._closed:
             self._closed = True
+            del self._array
             _libc.munmap(self._records, self._records_len)
             _libc.munmap(self._cursors, self._cursors_len)
 
