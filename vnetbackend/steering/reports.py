@@ -150,7 +150,7 @@ class ReportSource(Protocol):
     @property
     def fd(self) -> int: ...
 
-    def take(self) -> list[bytes]: ...
+    def take_batch(self) -> np.ndarray: ...
 
     def skip(self) -> int: ...
 
@@ -193,9 +193,8 @@ class ReportRings:
     def _cursor(self, cpu: int) -> int:
         return self._cursors + cpu * _CURSOR_SIZE
 
-    def _advance(self, on_record: Callable[[int, int], None] | None) -> int:
-        """Move every CPU's tail to its head; *on_record* gets (cpu, position) of each
-        record before its slot is handed back. Returns how many records there were."""
+    def skip(self) -> int:
+        """Hand every written record back unread; returns how many there were."""
         if self._closed:
             raise ReportRingError("the report rings were closed with their program")
         self._consume_bell()
@@ -204,30 +203,11 @@ class ReportRings:
             cursor, tail = self._cursor(cpu), self._tails[cpu]
             while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
                 # The program never runs more than a ring ahead of the tail it saw.
-                tail = min(max(tail, head - self._slots), head)
-                if on_record is not None:
-                    for position in range(tail, head):
-                        on_record(cpu, position)
-                total += head - tail
+                total += head - max(tail, head - self._slots)
                 tail = head
                 self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
             self._tails[cpu] = tail
         return total
-
-    def take(self) -> list[bytes]:
-        """The records written since the last call: oldest first per CPU."""
-        records: list[bytes] = []
-
-        def copy(cpu: int, position: int) -> None:
-            slot = cpu * self._slots + position % self._slots
-            records.append(ct.string_at(self._records + slot * _RECORD_SIZE, _RECORD_SIZE))
-
-        self._advance(copy)
-        return records
-
-    def skip(self) -> int:
-        """Hand every written record back unread; returns how many there were."""
-        return self._advance(None)
 
     def take_batch(self) -> np.ndarray:
         """The records written since the last call as one array of `RECORD_DTYPE`
@@ -263,32 +243,59 @@ class ReportRings:
             _libc.munmap(self._cursors, self._cursors_len)
 
 
+#: Records a pumping reader keeps for `ReportReader.drain`/`next` callers (6 MiB).
+RETAINED_RECORDS = 1 << 16
+
+
 class ReportReader:
     """Reads the program's reports from *source* (one reader per loaded program).
 
-    Records that cannot be decoded are counted in ``malformed`` and skipped.
+    Every record read passes, as part of a batch, through `on_batch` (if set) before
+    anything else sees it: a daemon judges every report there. `pump` reads the rings
+    whenever the bell rings; callers of `drain` and `next` meanwhile get the reports the
+    pump read, decoded on demand, of which the last `retain` records are kept (older
+    ones are counted in ``not_retained``). Records whose report type the specification
+    does not have are counted in ``malformed`` and skipped.
     """
 
-    def __init__(self, source: ReportSource) -> None:
+    def __init__(self, source: ReportSource, retain: int = RETAINED_RECORDS) -> None:
         self._source = source
+        self.retain = retain
+        self.on_batch: Callable[[np.ndarray], None] | None = None
+        self._batches: collections.deque[np.ndarray] = collections.deque()
+        self._retained = 0
         self._ready: collections.deque[Report] = collections.deque()
+        self._waiters: set[asyncio.Event] = set()
+        self._pumping = False
         self.malformed = 0
+        self.not_retained = 0
 
-    def _decode(self, data: bytes) -> None:
-        if len(data) < _RECORD_SIZE:
-            self.malformed += 1
-            return
-        record = SteeringReport.from_buffer_copy(data[:_RECORD_SIZE])
-        try:
-            report = Report.from_record(record)
-        except ValueError:  # a report type the specification does not have
-            self.malformed += 1
-            return
-        self._ready.append(report)
+    def take_batch(self) -> np.ndarray:
+        """Read every record in the rings now, as one array (`RECORD_DTYPE`)."""
+        batch = self._source.take_batch()
+        if len(batch):
+            if self.on_batch is not None:
+                self.on_batch(batch)
+            self._batches.append(batch)
+            self._retained += len(batch)
+            while self._retained > self.retain:
+                dropped = self._batches.popleft()
+                self._retained -= len(dropped)
+                self.not_retained += len(dropped)
+            for waiter in self._waiters:
+                waiter.set()
+        return batch
 
     def _consume(self) -> None:
-        for data in self._source.take():
-            self._decode(data)
+        self.take_batch()
+        while self._batches:
+            for row in self._batches.popleft():
+                record = SteeringReport.from_buffer_copy(row.tobytes())
+                try:
+                    self._ready.append(Report.from_record(record))
+                except ValueError:  # a report type the specification does not have
+                    self.malformed += 1
+        self._retained = 0
 
     def drain(self) -> list[Report]:
         """Every report written so far and not yet returned (oldest first per CPU)."""
@@ -298,32 +305,62 @@ class ReportReader:
         return reports
 
     def discard(self) -> int:
-        """Empty the rings without decoding (for benchmarks); returns how many records."""
-        pending = len(self._ready)
+        """Empty the rings without decoding or `on_batch` (for benchmarks); returns how
+        many records there were."""
+        pending = len(self._ready) + self._retained
         self._ready.clear()
+        self._batches.clear()
+        self._retained = 0
         return pending + self._source.skip()
 
+    async def pump(self) -> None:
+        """Read the rings each time the bell's fd is readable, until cancelled; raises
+        `ReportRingError` if the rings go away (their program was closed), and whatever
+        `on_batch` raises."""
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[None] = loop.create_future()
+
+        def on_bell() -> None:
+            try:
+                self.take_batch()
+            except Exception as err:  # rings gone, or a fault in on_batch: stop here
+                loop.remove_reader(self._source.fd)
+                if not failed.done():
+                    failed.set_exception(err)
+
+        loop.add_reader(self._source.fd, on_bell)
+        self._pumping = True
+        try:
+            self.take_batch()  # records that landed before the reader was added
+            await failed
+        finally:
+            self._pumping = False
+            loop.remove_reader(self._source.fd)
+
     async def next(self, timeout: float | None = None) -> Report:
-        """The next report; waits on the bell's fd (TimeoutError after *timeout* s)."""
+        """The next report; waits on the bell's fd, or on the pump while one runs
+        (TimeoutError after *timeout* s)."""
         self._consume()
         if self._ready:
             return self._ready.popleft()
         loop = asyncio.get_running_loop()
         arrived = asyncio.Event()
-
-        def on_readable() -> None:
-            self._consume()
-            if self._ready:
-                arrived.set()
-
-        loop.add_reader(self._source.fd, on_readable)
+        own = not self._pumping
+        if own:
+            loop.add_reader(self._source.fd, self.take_batch)
+        self._waiters.add(arrived)
         try:
-            on_readable()  # a record may have landed before the reader was added
             async with asyncio.timeout(timeout):
-                await arrived.wait()
+                while True:
+                    self._consume()  # a record may have landed before the wait began
+                    if self._ready:
+                        return self._ready.popleft()
+                    arrived.clear()
+                    await arrived.wait()
         finally:
-            loop.remove_reader(self._source.fd)
-        return self._ready.popleft()
+            self._waiters.discard(arrived)
+            if own:
+                loop.remove_reader(self._source.fd)
 
     def __aiter__(self) -> AsyncIterator[Report]:
         return self._iterate()
