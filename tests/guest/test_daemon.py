@@ -327,6 +327,9 @@ async def test_a_state_qemu_accepts_but_the_device_cannot_serve_is_refused(
         status = await bed.monitor.execute("query-vnet")
     assert same_rss(status["rss"], good) and same_rss(status["steering"]["rss"], good)
     assert status["mirror"]["last-refusal"]["field"] == refused["data"]["field"]
+    # The account names the cause and where tun really delivers those queues' frames.
+    assert status["mirror"]["queues"]["causes"] == ["table-names-inactive-queues"]
+    assert status["mirror"]["queues"]["folded"] == {"2": 0, "3": 1}
     # Attached for real: the program steers the tap's frames under the old table.
     # (The guest itself sees QEMU's own choice, from the table QEMU accepted.)
     await bed.monitor.execute("vnet-set-reports", {"enable": True})

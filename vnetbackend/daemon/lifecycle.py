@@ -114,7 +114,7 @@ class Daemon:
         # STOP/RESUME); the client's default listener would keep every one forever.
         self.qmp.events.event_filter = _no_event
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
-                             self.publish)
+                             self.publish, max_queue_pairs=self.queues)
         self.checker = HashChecker(self.publish,
                                    departures_for(self.state_reader.qemu_version))
         self.kernel_check = KernelCheck(self.program.generation_of, self.publish)

@@ -22,7 +22,8 @@ that add, remove and list VMs.
 Every event carries the VM's id as ``vm``. Events: ``VNET_NEGOTIATED``,
 ``VNET_DRIVER_RESET``, ``VNET_RSS_CHANGED``,
 ``VNET_STEERING_ATTACHED``, ``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``,
-``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
+``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``,
+``VNET_QUEUES_DIVERGED``, ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
             "last-refusal": mirror.refusal,
             "failure": mirror.failure,
             "active-queue-pairs": mirror.active_queue_pairs,
+            "queues": mirror.queues,
             "last-latency-ms": mirror.last_latency_ms,
             "following": "trace" if daemon.trace_log else "control-queue",
         },
