@@ -197,16 +197,19 @@ async def test_the_daemon_judges_every_report_of_live_traffic_itself(
     started = await bed.monitor.execute("vnet-check-start", {"every": 1})
     assert started["report-every"] == 1
     probes = make_batch(bed.guest.mac, per_class=2, seed=3)
-    await observe_batch(bed.guest.tap_name, bed.observer, probes)
+    # The daemon's reader hands its other callers each batch after judging it: once the
+    # probes' reports reached this test, the daemon has judged them.
+    reader = bed.daemon.program.reports()
 
-    async def judged(at_least: int) -> dict[str, Any]:
-        while True:
-            kernel = (await bed.monitor.execute("query-vnet-check"))["kernel"]
-            if kernel["reports"] >= at_least:
-                return kernel
-            await asyncio.sleep(0.05)  # polling a counter: the daemon emits no event here
+    async def judged() -> dict[str, Any]:
+        reader.drain()
+        await observe_batch(bed.guest.tap_name, bed.observer, probes)
+        reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
+        assert {len(p.frame) for p in probes} <= {r.frame_len for r in reports}
+        return (await bed.monitor.execute("query-vnet-check"))["kernel"]
 
-    kernel = await asyncio.wait_for(judged(len(probes)), EVENT_TIMEOUT)
+    kernel = await judged()
+    assert kernel["reports"] >= len(probes)
     assert kernel["disagreed"] == kernel["unjudged"] == 0 and kernel["reports-lost"] == 0
     assert {"ipv4_tcp", "ipv6_udp", "ipv6_ext_tcp", "non_ip"} <= set(kernel["classes"])
     status = await bed.monitor.execute("query-vnet")
@@ -216,9 +219,7 @@ async def test_the_daemon_judges_every_report_of_live_traffic_itself(
     program = bed.daemon.program
     entry = 3
     skew_indirection_entry(program, entry, (config.indirection_table[entry] + 1) % 4)
-    before = kernel["reports"]
-    await observe_batch(bed.guest.tap_name, bed.observer, probes)
-    kernel = await asyncio.wait_for(judged(before + len(probes)), EVENT_TIMEOUT)
+    kernel = await judged()
     hit = [p for p in probes
            if (s := config.steer(p.frame)).report.value and s.hash & 127 == entry]
     assert kernel["disagreed"] >= len(hit) > 0  # the host's own frames may hit it too
