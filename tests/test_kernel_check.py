@@ -151,6 +151,11 @@ def test_a_skewed_indirection_entry_is_caught_report_by_report(
     assert expected, "the frames must reach the skewed entry"
     assert sorted(found.tolist()) == expected
     assert len(events) == min(len(expected), 16)
+    check = KernelCheck(program.generation_of)
+    check.judge(batch)
+    named = check.summary()["flows"]["disagreed"]
+    assert sum(named.values()) == len(expected)
+    assert all(name.startswith(("tcp ", "udp ", "ipv4 ", "ipv6 ")) for name in named)
     assert events[0]["source"] == "kernel"
     assert events[0]["specification"]["queue"] == CONFIG_A.indirection_table[entry]  # type: ignore[index]
 

@@ -11,6 +11,11 @@ a configuration change are judged by the configuration that steered them. What i
 is the program's arithmetic and decisions given its own reading of the frame; the
 reading itself is the conformance tests' business (they have the frames).
 
+Disagreements are also tallied per flow (``flows``: the report's addresses, transport and
+ports), for the first `MAX_FLOWS` flows that disagree; later ones are counted in
+``flows-overflow``. Agreeing reports are tallied per class only: keeping every flow of
+a live tap would cost a sort per batch.
+
 Reports of a generation no longer kept are counted as ``unjudged``, not guessed at.
 Each disagreement is a ``VNET_HASH_MISMATCH`` event (``source: kernel``) with the
 report, the configuration and the model's answer, at most `EVENTS_PER_BATCH` per batch
@@ -20,6 +25,7 @@ monitor's clients.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +47,7 @@ from vnetbackend.steering.reports import RECORD_DTYPE, Report
 EventSink = Callable[[str, dict[str, Any]], None]
 GenerationLookup = Callable[[int], Generation | None]
 EVENTS_PER_BATCH = 16
+MAX_FLOWS = 256
 #: Classes: a flow kind (`vnetbackend.rss.batch.KINDS`), twice: not a fragment, fragment.
 CLASSES = 2 * KINDS
 _PORT_BYTES = [RECORD_DTYPE.fields[name][1] + byte
@@ -100,12 +107,16 @@ class KernelCheck:
     _disagreed: np.ndarray = field(default_factory=lambda: np.zeros(CLASSES, np.int64))
     _unjudged: np.ndarray = field(default_factory=lambda: np.zeros(CLASSES, np.int64))
     events_suppressed: int = 0
+    flows: dict[str, int] = field(default_factory=dict)
+    flows_overflow: int = 0
 
     def reset(self) -> None:
         """Forget the tallies (the models stay)."""
         for counts in (self._reports, self._disagreed, self._unjudged):
             counts[:] = 0
         self.events_suppressed = 0
+        self.flows.clear()
+        self.flows_overflow = 0
 
     def _model(self, number: int) -> BatchModel | None:
         model = self._models.get(number)
@@ -150,7 +161,18 @@ class KernelCheck:
                 disagreeing.append(wrong if rows is None else rows[wrong])
         found = np.concatenate(disagreeing) if disagreeing else np.empty(0, np.intp)
         self._disagreed += np.bincount(classes[found], minlength=CLASSES)
+        for row in found.tolist():
+            self._count_flow(batch[row])
         return found
+
+    def _count_flow(self, record: np.void) -> None:
+        key = flow_name(record)
+        if key in self.flows:
+            self.flows[key] += 1
+        elif len(self.flows) < MAX_FLOWS:
+            self.flows[key] = 1
+        else:
+            self.flows_overflow += 1
 
     def _publish(self, model: BatchModel, number: int, part: np.ndarray, answers: Answers,
                  wrong: np.ndarray) -> None:
@@ -191,7 +213,23 @@ class KernelCheck:
             for name in vars(totals):
                 setattr(totals, name, getattr(totals, name) + getattr(tally, name))
         return {**vars(totals), "events-suppressed": self.events_suppressed,
-                "classes": {name: vars(tally) for name, tally in sorted(classes.items())}}
+                "classes": {name: vars(tally) for name, tally in sorted(classes.items())},
+                "flows": {"disagreed": dict(self.flows), "flows-overflow": self.flows_overflow}}
+
+
+def flow_name(record: np.void) -> str:
+    """A report's flow, e.g. ``tcp 10.0.0.1:80 > 10.0.0.2:1234`` (``non_ip`` without
+    addresses; no ports where the transport header did not count)."""
+    version = int(record["ip_version"])
+    if version not in (4, 6):
+        return "non_ip"
+    width = 4 if version == 4 else 16
+    src = ipaddress.ip_address(bytes(record["src"][:width]))
+    dst = ipaddress.ip_address(bytes(record["dst"][:width]))
+    proto = {6: "tcp", 17: "udp"}.get(int(record["l4_proto"]))
+    if proto is None:
+        return f"ipv{version} {src} > {dst}"
+    return f"{proto} {src}:{int(record['src_port'])} > {dst}:{int(record['dst_port'])}"
 
 
 def report_view(report: Report) -> dict[str, Any]:
