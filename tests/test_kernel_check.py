@@ -230,3 +230,16 @@ def test_batches_come_whole_and_in_order_when_the_ring_wraps() -> None:
         assert len(rings.take_batch()) == 8
         assert small.counters().reports_dropped == 4
         assert class_codes(rings.take_batch()).size == 0
+
+
+def test_a_record_of_an_unknown_report_type_is_a_disagreement_not_a_fault(
+        program: SteeringProgram) -> None:
+    _fresh(program, CONFIG_A)
+    _run(program, FRAMES[:4])
+    batch = program.report_rings().take_batch()
+    batch["report_type"][1] = 12  # no such report type
+    events: list[dict[str, object]] = []
+    found = KernelCheck(program.generation_of, lambda _n, data: events.append(data)).judge(
+        batch)
+    assert found.tolist() == [1]
+    assert events[0]["report"]["report-type"] == 12  # type: ignore[index]

@@ -182,12 +182,17 @@ class KernelCheck:
             return
         generation = self.generation_of(number)
         for row in shown.tolist():
-            report = Report.from_record(SteeringReport.from_buffer_copy(part[row].tobytes()))
+            record = part[row].tobytes()
+            try:
+                seen: dict[str, Any] = report_view(
+                    Report.from_record(SteeringReport.from_buffer_copy(record)))
+            except ValueError:  # a report type the specification does not have
+                seen = {"report-type": int(part[row]["report_type"]), "record": record.hex()}
             self.publish("VNET_HASH_MISMATCH", {
                 "source": "kernel",
                 "frame-class": class_name(int(class_codes(part[row:row + 1])[0])),
                 "generation": number,
-                "report": report_view(report),
+                "report": seen,
                 "config": rss_view(model.config),
                 "redirect": bool(generation and generation.state.redirect),
                 "delivered-queues": generation.delivered_queues if generation else None,
