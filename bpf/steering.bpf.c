@@ -71,8 +71,9 @@ struct rss_slot {
 	u32 unclassified_queue;
 	u32 queues;             /* receive queues in use (kept for reading the config back) */
 	u32 key_length;
+	u32 generation;         /* the loader's count of slot switches when it wrote this one */
 	u8 key[MAX_KEY_SIZE];   /* the key the tables were built from, zero past key_length */
-	u16 indirection[MAX_TABLE_LENGTH];
+	u16 indirection[MAX_TABLE_LENGTH]; /* queues as the tap delivers them (see the loader) */
 	u32 toeplitz[MAX_HASH_INPUT][256];
 };
 
@@ -102,11 +103,16 @@ struct report_cursor {
 
 #define REPORT_FLAG_EXT_HEADERS 1
 #define REPORT_FLAG_FRAGMENT 2
+#define REPORT_FLAG_EX_SRC 4    /* the hash took ex_src (home address) for the source */
+#define REPORT_FLAG_EX_DST 8    /* the hash took ex_dst (type 2 routing) for the destination */
 
 /*
-* One record of a report ring. Ports are host order; addresses network order.
+ * One record of a report ring. Ports are host order; addresses network order.
  * Only the address bytes the IP version uses are written (none for frames that are not IP);
- * the rest of `src` and `dst` is left as the slot had it.
+ * the rest of `src` and `dst` is left as the slot had it. `ex_src`/`ex_dst` are written only
+ * when REPORT_FLAG_EX_SRC/REPORT_FLAG_EX_DST say the hash took them. With `l4_proto`, the
+ * flags and the ports, a record holds the hash input exactly as the program used it, and
+ * `generation` names the configuration (slot) that steered the frame.
  */
 struct steering_report {
 	u32 hash;
@@ -122,6 +128,10 @@ struct steering_report {
 	u16 dst_port;
 	u8 src[16];             /* IPv4 addresses use the first 4 bytes */
 	u8 dst[16];
+	u8 ex_src[16];
+	u8 ex_dst[16];
+	u32 generation;         /* rss_slot.generation of the slot that steered the frame */
+	u32 pad;                /* records stay 8-byte aligned */
 };
 
 /*
@@ -143,6 +153,7 @@ SAME_OFFSET(rss_slot, table_length);
 SAME_OFFSET(rss_slot, unclassified_queue);
 SAME_OFFSET(rss_slot, queues);
 SAME_OFFSET(rss_slot, key_length);
+SAME_OFFSET(rss_slot, generation);
 SAME_OFFSET(rss_slot, key);
 SAME_OFFSET(rss_slot, indirection);
 SAME_OFFSET(rss_slot, toeplitz);
@@ -173,6 +184,10 @@ SAME_OFFSET(steering_report, src_port);
 SAME_OFFSET(steering_report, dst_port);
 SAME_OFFSET(steering_report, src);
 SAME_OFFSET(steering_report, dst);
+SAME_OFFSET(steering_report, ex_src);
+SAME_OFFSET(steering_report, ex_dst);
+SAME_OFFSET(steering_report, generation);
+SAME_OFFSET(steering_report, pad);
 
 /*
  * The loader also passes the Python side's value of every constant the two share as
@@ -188,6 +203,8 @@ SAME_VALUE(MAX_VLAN_TAGS);
 SAME_VALUE(SLOT_COUNT);
 SAME_VALUE(REPORT_FLAG_EXT_HEADERS);
 SAME_VALUE(REPORT_FLAG_FRAGMENT);
+SAME_VALUE(REPORT_FLAG_EX_SRC);
+SAME_VALUE(REPORT_FLAG_EX_DST);
 SAME_VALUE(ETH_HLEN);
 SAME_VALUE(ETH_P_IP);
 SAME_VALUE(ETH_P_IPV6);
@@ -570,6 +587,7 @@ static __always_inline void parse_frame(struct __sk_buff *skb, struct scratch *s
 struct selection {
 	u32 hash;
 	u8 report;
+	u8 ex_flags;            /* REPORT_FLAG_EX_SRC / REPORT_FLAG_EX_DST */
 };
 
 static __always_inline void select_ipv4(const struct rss_slot *s, const struct parsed *p,
@@ -617,10 +635,14 @@ static __always_inline void select_ipv6(const struct rss_slot *s, const struct p
 	if (p->has_ext) {
 		report = ipv6_report(p, types, 1);
 		if (report != VIRTIO_NET_HASH_REPORT_NONE) {
-			if (p->has_home)
+			if (p->has_home) {
 				src = p->home;
-			if (p->has_routed)
+				out->ex_flags |= REPORT_FLAG_EX_SRC;
+			}
+			if (p->has_routed) {
 				dst = p->routed;
+				out->ex_flags |= REPORT_FLAG_EX_DST;
+			}
 		}
 	}
 	if (report == VIRTIO_NET_HASH_REPORT_NONE)
@@ -693,7 +715,7 @@ static __always_inline void publish_report(struct report_cursor *c, u64 head)
 }
 
 static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
-					 u32 queue, struct steering_counters *cnt)
+					 u32 queue, u32 generation, struct steering_counters *cnt)
 {
 	struct report_cursor *c = NULL;
 	u64 head = 0;
@@ -709,8 +731,9 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 	r->ip_version = p->ip_version;
 	r->l4_proto = p->l4_proto;
 	r->flags = (p->has_ext ? REPORT_FLAG_EXT_HEADERS : 0) |
-		   (p->fragment ? REPORT_FLAG_FRAGMENT : 0);
+		   (p->fragment ? REPORT_FLAG_FRAGMENT : 0) | sel->ex_flags;
 	r->frame_len = p->frame_len;
+	r->generation = generation;
 	if (p->l4_proto) {
 		r->src_port = (p->ports[0] << 8) | p->ports[1];
 		r->dst_port = (p->ports[2] << 8) | p->ports[3];
@@ -724,6 +747,10 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 	} else if (p->ip_version == 6) {
 		copy16(r->src, p->src);
 		copy16(r->dst, p->dst);
+		if (sel->ex_flags & REPORT_FLAG_EX_SRC)
+			copy16(r->ex_src, p->home);
+		if (sel->ex_flags & REPORT_FLAG_EX_DST)
+			copy16(r->ex_dst, p->routed);
 	}
 	if (p->ip_version) {
 		r->l3_offset = p->l3_offset;
@@ -737,7 +764,7 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 }
 
 /* The report of a frame that is not IP: no hash, no addresses. */
-static __always_inline void write_plain_report(u32 frame_len, u32 queue,
+static __always_inline void write_plain_report(u32 frame_len, u32 queue, u32 generation,
 					       struct steering_counters *cnt)
 {
 	struct report_cursor *c = NULL;
@@ -756,6 +783,7 @@ static __always_inline void write_plain_report(u32 frame_len, u32 queue,
 	r->flags = 0;
 	r->l3_offset = 0;
 	r->frame_len = frame_len;
+	r->generation = generation;
 	r->l3_len = 0;
 	r->src_port = 0;
 	r->dst_port = 0;
@@ -822,7 +850,7 @@ int steer(struct __sk_buff *skb)
 	if (!may_be_ip(skb, base, frame_len)) {
 		queue = s->enabled ? s->unclassified_queue : 0;
 		if (report_due(ctl, cnt))
-			write_plain_report(frame_len + 4 * oob_tags, queue, cnt);
+			write_plain_report(frame_len + 4 * oob_tags, queue, s->generation, cnt);
 		return queue;
 	}
 
@@ -860,6 +888,6 @@ int steer(struct __sk_buff *skb)
 		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];
 
 	if (report_due(ctl, cnt))
-		write_report(p, &sel, queue, cnt);
+		write_report(p, &sel, queue, s->generation, cnt);
 	return queue;
 }

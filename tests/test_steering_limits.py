@@ -33,6 +33,8 @@ PYTHON_ONLY = {
     "SLOT_COUNT": layout.SLOT_COUNT,
     "REPORT_FLAG_EXT_HEADERS": layout.REPORT_FLAG_EXT_HEADERS,
     "REPORT_FLAG_FRAGMENT": layout.REPORT_FLAG_FRAGMENT,
+    "REPORT_FLAG_EX_SRC": layout.REPORT_FLAG_EX_SRC,
+    "REPORT_FLAG_EX_DST": layout.REPORT_FLAG_EX_DST,
 }
 
 # `#define NAME 0x0800`, `#define NAME (1 << 3)` or an enum's `NAME = 6,`.

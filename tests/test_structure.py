@@ -32,10 +32,18 @@ FORBIDDEN = {
     "vnetbackend.steering": ("vnetbackend.qemu", "vnetbackend.mirror", "vnetbackend.checker",
                              "vnetbackend.daemon", "vnetbackend.testbed",
                              "vnetbackend.bench", "vnetbackend.demo"),
+    "vnetbackend.queue_account": ("vnetbackend.steering", "vnetbackend.mirror",
+                                  "vnetbackend.checker", "vnetbackend.kernel_check",
+                                  "vnetbackend.daemon", "vnetbackend.testbed",
+                                  "vnetbackend.bench", "vnetbackend.demo"),
     "vnetbackend.mirror": ("vnetbackend.checker", "vnetbackend.daemon",
                            "vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
     "vnetbackend.checker": ("vnetbackend.mirror", "vnetbackend.daemon",
                             "vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
+    "vnetbackend.kernel_check": ("vnetbackend.qemu", "vnetbackend.mirror",
+                                 "vnetbackend.checker", "vnetbackend.daemon",
+                                 "vnetbackend.testbed", "vnetbackend.bench",
+                                 "vnetbackend.demo"),
     "vnetbackend.daemon": ("vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
 }
 

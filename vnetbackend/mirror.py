@@ -25,6 +25,12 @@ does makes `Mirror.sync` raise:
   the configuration in force stays, attached where the tap lets it, and the caller
   syncs again later (``VNET_SYNC_RECOVERED`` when that works).
 
+Queues: the program is told how many queues the tap delivers among (the device's active
+pairs) and answers the queue a frame really reaches (`SteeringProgram.apply`), also for a
+configuration kept in force after a refusal while the active pairs changed. Where the
+guest's table names queues the device does not serve, `vnetbackend.queue_account` says
+how (``VNET_QUEUES_DIVERGED``, and ``queues`` in the status).
+
 `MirrorStatus` says what the tap holds: ``attached`` turns false as soon as a notice
 says QEMU has detached the program (`qemu_detached`) and true only once the mirror has
 attached it again.
@@ -43,6 +49,7 @@ from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.follower import RssTraceEvent
 from vnetbackend.qemu.qmp import QemuCallFailed
 from vnetbackend.qemu.snapshot import RssState, SnapshotError
+from vnetbackend.queue_account import account
 from vnetbackend.rss import InvalidRssConfig, RssConfig, rss_view
 from vnetbackend.steering.program import SteeringError, SteeringProgram
 
@@ -77,13 +84,19 @@ class MirrorStatus:
     last_latency_ms: float | None = None
     last_stages_ms: dict[str, float] | None = None
     active_queue_pairs: int | None = None
+    #: `vnetbackend.queue_account.account` at the last snapshot.
+    queues: dict[str, Any] | None = None
+    #: The queues the program's maps fold onto (the active pairs when they were written).
+    delivered_queues: int | None = None
 
 
 class Mirror:
     """Reads the device's RSS state on each notice and makes the program follow it."""
 
     def __init__(self, reader: DeviceStateReader, device: NetDevice,
-                 program: SteeringProgram, control_fd: int, publish: EventSink) -> None:
+                 program: SteeringProgram, control_fd: int, publish: EventSink,
+                 max_queue_pairs: int | None = None) -> None:
+        self._max_queue_pairs = max_queue_pairs
         self._reader = reader
         self._device = device
         self._program = program
@@ -130,13 +143,14 @@ class Mirror:
             return False
         state = device.rss
         self.status.active_queue_pairs = device.curr_queue_pairs
+        self._account(state, device.curr_queue_pairs)
         validated = time.perf_counter()
         try:
             config = (state.to_config(device.curr_queue_pairs) if state and state.enabled
                       else None)
         except InvalidRssConfig as err:
             self._refuse(err, cause)
-            return self._keep_in_force()
+            return self._keep_in_force(device.curr_queue_pairs)
         stages = {**self._reader.last_stages_ms,
                   "validate": _ms(time.perf_counter() - validated)}
         if cause is not None and cause.at is not None:
@@ -146,7 +160,8 @@ class Mirror:
             if config is None:
                 self._program.disable()
             else:
-                self._program.apply(config, redirect=state.redirect)
+                self._program.apply(config, redirect=state.redirect,
+                                    delivered_queues=device.curr_queue_pairs)
             attached = time.perf_counter()
             stages["maps"] = _ms(attached - mapped)
             if config is None:
@@ -158,18 +173,25 @@ class Mirror:
             self.note_failure("steering", err)
             return False
         self.status.attached = config is not None
+        self.status.delivered_queues = device.curr_queue_pairs if config else None
         self.status.last_stages_ms = stages
         self._recovered()
         self._record(state, config, cause)
         return True
 
-    def _keep_in_force(self) -> bool:
-        """Attach the program again with the configuration the maps still hold."""
+    def _keep_in_force(self, active_pairs: int) -> bool:
+        """Attach the program again with the configuration the maps still hold, folded
+        onto the queues the tap now delivers among if those changed."""
         if self.status.rss is None:
             return True
         try:
+            if self.status.delivered_queues != active_pairs:
+                self._program.apply(self.status.rss,
+                                    redirect=bool(self.status.state and self.status.state.redirect),
+                                    delivered_queues=active_pairs)
+                self.status.delivered_queues = active_pairs
             self._program.attach(self._control_fd)
-        except OSError as err:
+        except (SteeringError, OSError) as err:
             self.note_failure("steering", err)
             return False
         self.status.attached = True
@@ -186,6 +208,15 @@ class Mirror:
             "stage": stage, "reason": str(err), "in-force": rss_view(self.status.rss),
             "attached": self.status.attached,
         })
+
+    def _account(self, state: RssState | None, active_pairs: int) -> None:
+        """Keep the queue account; a new divergence is ``VNET_QUEUES_DIVERGED``."""
+        found = account(state, active_pairs, self._max_queue_pairs)
+        if found["causes"] and found != self.status.queues:
+            log.warning("the guest's table names queues the device does not serve: %s",
+                        ", ".join(found["causes"]))
+            self._publish("VNET_QUEUES_DIVERGED", found)
+        self.status.queues = found
 
     def _recovered(self) -> None:
         if self.status.failure is not None:

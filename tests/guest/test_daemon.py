@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,13 +172,65 @@ async def test_a_skewed_map_is_caught_frame_by_frame(vnet_guest: VnetGuest) -> N
     named = set()
     while len(named) < len(hashed):
         event = await asyncio.wait_for(bed.monitor.events.get(), EVENT_TIMEOUT)
-        if event["event"] == "VNET_HASH_MISMATCH":
+        # The daemon's own check of every report names the reports (source: kernel).
+        if event["event"] == "VNET_HASH_MISMATCH" and event["data"].get("source") != "kernel":
             assert "kernel differs from the specification" in event["data"]["reason"]
             named.add(event["data"]["frame"])
     assert named == hashed
     summary = await bed.monitor.execute("query-vnet-check")
     assert summary["disagreed"] == len(hashed)
     assert summary["frames"] == len(probes) and summary["unmatched"] == 0
+    # Every report of a hashed frame went against the model in the daemon too (the
+    # daemon read at least the probes' reports; the host may have sent more).
+    assert summary["kernel"]["disagreed"] >= len(hashed)
+
+
+async def test_the_daemon_judges_every_report_of_live_traffic_itself(
+        vnet_guest: VnetGuest) -> None:
+    """Started over QMP, the check reads the rings on the bell and judges each report by
+    the configuration of its generation: a sound program agrees on every report, a
+    skewed table entry is named report by report, and nothing is lost."""
+    bed = vnet_guest
+    await bed.rss.set_rxfh(key=bytes(range(21, 61)), equal=4)
+    config = await bed.rss.read_config()
+    await wait_mirrored(bed.monitor, config)
+    started = await bed.monitor.execute("vnet-check-start", {"every": 1})
+    assert started["report-every"] == 1
+    probes = make_batch(bed.guest.mac, per_class=2, seed=3)
+    # The daemon's reader hands its other callers each batch after judging it: once the
+    # probes' reports reached this test, the daemon has judged them.
+    reader = bed.daemon.program.reports()
+
+    async def judged() -> dict[str, Any]:
+        reader.drain()
+        await observe_batch(bed.guest.tap_name, bed.observer, probes)
+        reports = await collect_reports(reader, [len(p.frame) for p in probes], EVENT_TIMEOUT)
+        assert {len(p.frame) for p in probes} <= {r.frame_len for r in reports}
+        return (await bed.monitor.execute("query-vnet-check"))["kernel"]
+
+    kernel = await judged()
+    assert kernel["reports"] >= len(probes)
+    assert kernel["disagreed"] == kernel["unjudged"] == 0 and kernel["reports-lost"] == 0
+    assert {"ipv4_tcp", "ipv6_udp", "ipv6_ext_tcp", "non_ip"} <= set(kernel["classes"])
+    status = await bed.monitor.execute("query-vnet")
+    assert status["steering"]["reports-read"] >= len(probes)
+    assert status["steering"]["reports-dropped"] == 0
+
+    program = bed.daemon.program
+    entry = 3
+    skew_indirection_entry(program, entry, (config.indirection_table[entry] + 1) % 4)
+    kernel = await judged()
+    hit = [p for p in probes
+           if (s := config.steer(p.frame)).report.value and s.hash & 127 == entry]
+    assert kernel["disagreed"] >= len(hit) > 0  # the host's own frames may hit it too
+    named = set()
+    while not {len(p.frame) for p in hit} <= named:
+        event = await next_event(bed.monitor, "VNET_HASH_MISMATCH")
+        if event["data"].get("source") == "kernel":
+            assert event["data"]["specification"]["queue"] == config.indirection_table[entry]
+            named.add(event["data"]["report"]["frame-len"])
+    stopped = await bed.monitor.execute("vnet-check-stop")
+    assert stopped["report-every"] == 0 and stopped["disagreed"] >= len(hit)
 
 
 async def test_demo_exits_0_with_every_frame_accounted_for() -> None:
@@ -275,6 +328,9 @@ async def test_a_state_qemu_accepts_but_the_device_cannot_serve_is_refused(
         status = await bed.monitor.execute("query-vnet")
     assert same_rss(status["rss"], good) and same_rss(status["steering"]["rss"], good)
     assert status["mirror"]["last-refusal"]["field"] == refused["data"]["field"]
+    # The account names the cause and where tun really delivers those queues' frames.
+    assert status["mirror"]["queues"]["causes"] == ["table-names-inactive-queues"]
+    assert status["mirror"]["queues"]["folded"] == {"2": 0, "3": 1}
     # Attached for real: the program steers the tap's frames under the old table.
     # (The guest itself sees QEMU's own choice, from the table QEMU accepted.)
     await bed.monitor.execute("vnet-set-reports", {"enable": True})

@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from qemu.qmp import QMPClient, Runstate
 
 from vnetbackend.checker import HashChecker
+from vnetbackend.kernel_check import KernelCheck
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.mirror import Mirror
 from vnetbackend.qemu.departures import departures_for
@@ -91,6 +93,9 @@ class Daemon:
     qemu_pid: int | None = None
     negotiation: VirtioFeatures = field(default_factory=VirtioFeatures)
     checker: HashChecker = field(init=False)
+    kernel_check: KernelCheck = field(init=False)
+    #: Report records read from the program's rings (and judged) since the start.
+    reports_read: int = 0
     ending: Ending | None = None
     ending_reason: str = ""
     negotiated: asyncio.Event = field(default_factory=asyncio.Event)
@@ -109,9 +114,10 @@ class Daemon:
         # STOP/RESUME); the client's default listener would keep every one forever.
         self.qmp.events.event_filter = _no_event
         self.mirror = Mirror(self.state_reader, self.device, self.program, self.control_fd,
-                             self.publish)
+                             self.publish, max_queue_pairs=self.queues)
         self.checker = HashChecker(self.publish,
                                    departures_for(self.state_reader.qemu_version))
+        self.kernel_check = KernelCheck(self.program.generation_of, self.publish)
 
     def request_stop(self, reason: str = "requested") -> None:
         """Ask `serve` to shut down cleanly."""
@@ -132,7 +138,8 @@ class Daemon:
         }
         workers = [asyncio.create_task(self._follow()),
                    asyncio.create_task(self._sync_when_owed()),
-                   asyncio.create_task(self._watch_negotiation())]
+                   asyncio.create_task(self._watch_negotiation()),
+                   asyncio.create_task(self._read_reports())]
         try:
             done, _ = await asyncio.wait([*watchers, *workers],
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -163,6 +170,24 @@ class Daemon:
         with contextlib.suppress(OSError):
             self.program.detach(self.control_fd)
         os.close(self.control_fd)
+
+    def set_reports(self, every: int) -> None:
+        """Report one frame in *every* (0: off); what the rings hold is judged first."""
+        self.program.reports().take_batch()
+        self.program.set_reports(every)
+
+    def _judge_reports(self, batch: np.ndarray) -> None:
+        self.reports_read += len(batch)
+        self.kernel_check.judge(batch)
+
+    async def _read_reports(self) -> None:
+        """Read the report rings whenever the program's bell rings (a report landed in a
+        ring the daemon had emptied), for as long as the daemon runs, and judge every
+        report (`KernelCheck`): with reports off the bell never rings and this costs
+        nothing. Each read takes every CPU's ring in one batch."""
+        reader = self.program.reports()
+        reader.on_batch = self._judge_reports
+        await reader.pump()
 
     async def _qemu_gone(self) -> str:
         if self.qemu_exited is not None:

@@ -10,14 +10,20 @@ that add, remove and list VMs.
                    state, counters
 ``vnet-set-reports``  ``{enable: bool, every?: int}``: per-packet reports on/off,
                    one frame in ``every``
-``query-vnet-check``  the three-way hash check's totals and per-class tallies
+``query-vnet-check``  the three-way hash check's totals and per-class tallies, and the
+                   live kernel check's (``kernel``)
+``vnet-check-start``  ``{every?: int, reset?: bool}``: reports on (one frame in
+                   ``every``, default 1), every one judged against the model;
+                   the kernel tallies start again unless ``reset`` is false
+``vnet-check-stop``   reports off, once the rings are read; returns the kernel tallies
 ``quit``           shut the daemon down cleanly (every VM it serves)
 =================  ==========================================================
 
 Every event carries the VM's id as ``vm``. Events: ``VNET_NEGOTIATED``,
 ``VNET_DRIVER_RESET``, ``VNET_RSS_CHANGED``,
 ``VNET_STEERING_ATTACHED``, ``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``,
-``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``, ``VNET_SHUTDOWN``.
+``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``,
+``VNET_QUEUES_DIVERGED``, ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
             "frames": counters.frames,
             "reports": counters.reports,
             "reports-dropped": counters.reports_dropped,
+            "reports-read": daemon.reports_read,
+            "generation": daemon.program.generation,
         },
         "mirror": {
             "syncs": mirror.syncs,
@@ -81,10 +89,18 @@ def vnet_status(daemon: Daemon) -> dict[str, Any]:
             "last-refusal": mirror.refusal,
             "failure": mirror.failure,
             "active-queue-pairs": mirror.active_queue_pairs,
+            "queues": mirror.queues,
             "last-latency-ms": mirror.last_latency_ms,
             "following": "trace" if daemon.trace_log else "control-queue",
         },
     }
+
+
+def kernel_view(daemon: Daemon) -> dict[str, Any]:
+    """The live kernel check's tallies, with what the rings lost."""
+    counters = daemon.program.counters()
+    return {**daemon.kernel_check.summary(), "report-every": daemon.program.report_every,
+            "reports-read": daemon.reports_read, "reports-lost": counters.reports_dropped}
 
 
 def only(vm_id: str, daemon: Daemon) -> DaemonLookup:
@@ -107,11 +123,26 @@ def register_commands(server: QmpServer, daemons: DaemonLookup,
 
     async def set_reports(args: dict[str, Any]) -> dict[str, Any]:
         every = args.get("every", 1) if args["enable"] else 0
-        daemons(args.get("id")).program.set_reports(every)
+        daemons(args.get("id")).set_reports(every)
         return {"report-every": every}
 
     async def query_check(args: dict[str, Any]) -> dict[str, Any]:
-        return daemons(args.get("id")).checker.summary()
+        daemon = daemons(args.get("id"))
+        return {**daemon.checker.summary(), "kernel": kernel_view(daemon)}
+
+    async def check_start(args: dict[str, Any]) -> dict[str, Any]:
+        daemon = daemons(args.get("id"))
+        every = args.get("every", 1)
+        daemon.set_reports(every)  # what the rings held is judged before the reset
+        if args.get("reset", True):
+            daemon.kernel_check.reset()
+        return {"report-every": every, "generation": daemon.program.generation}
+
+    async def check_stop(args: dict[str, Any]) -> dict[str, Any]:
+        daemon = daemons(args.get("id"))
+        daemon.set_reports(0)
+        daemon.program.reports().take_batch()  # what landed while switching off
+        return kernel_view(daemon)
 
     async def quit_command(_: dict[str, Any]) -> None:
         quit_("quit on the monitor")
@@ -123,4 +154,10 @@ def register_commands(server: QmpServer, daemons: DaemonLookup,
         "every": Param(int, required=False, minimum=1, maximum=MAX_REPORT_EVERY),
     })
     server.register("query-vnet-check", query_check, {"id": VM_ID})
+    server.register("vnet-check-start", check_start, {
+        "id": VM_ID,
+        "every": Param(int, required=False, minimum=1, maximum=MAX_REPORT_EVERY),
+        "reset": Param(bool, required=False),
+    })
+    server.register("vnet-check-stop", check_stop, {"id": VM_ID})
     server.register("quit", quit_command)

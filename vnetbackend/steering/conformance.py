@@ -15,6 +15,8 @@ from vnetbackend.steering.program import SteeringError, SteeringProgram, Steerin
 from vnetbackend.steering.reports import Report
 from vnetbackend.steering.testrun import prog_test_run
 
+_EX_REPORTS = frozenset({HashReport.IPV6_EX, HashReport.TCPV6_EX, HashReport.UDPV6_EX})
+
 
 def expected_report(state: SteeringState, frame: bytes) -> Report:
     """The report (and so the queue) the reference model gives *frame* in *state*."""
@@ -42,6 +44,8 @@ def expected_report(state: SteeringState, frame: bytes) -> Report:
         frame_len=parsed.frame_len,
         has_ext_headers=parsed.has_ext_headers,
         fragment=parsed.fragment,
+        hashed_src=parsed.ex_src if report in _EX_REPORTS else parsed.src,
+        hashed_dst=parsed.ex_dst if report in _EX_REPORTS else parsed.dst,
     )
 
 

@@ -38,6 +38,10 @@ SLOT_COUNT = 2
 
 REPORT_FLAG_EXT_HEADERS = 1
 REPORT_FLAG_FRAGMENT = 2
+#: The hash took the home address option's address (``ex_src``) for the source.
+REPORT_FLAG_EX_SRC = 4
+#: The hash took the type 2 routing header's address (``ex_dst``) for the destination.
+REPORT_FLAG_EX_DST = 8
 
 
 class RssSlot(ct.Structure):
@@ -51,6 +55,7 @@ class RssSlot(ct.Structure):
         ("unclassified_queue", ct.c_uint32),
         ("queues", ct.c_uint32),
         ("key_length", ct.c_uint32),
+        ("generation", ct.c_uint32),
         ("key", ct.c_uint8 * MAX_KEY_SIZE),
         ("indirection", ct.c_uint16 * MAX_TABLE_LENGTH),
         ("toeplitz", (ct.c_uint32 * 256) * MAX_HASH_INPUT),
@@ -91,7 +96,9 @@ class ReportCursor(ct.Structure):
 
 class SteeringReport(ct.Structure):
     """One report record (``struct steering_report``). Only the address bytes the IP
-    version uses are written; the rest of ``src`` and ``dst`` is undefined."""
+    version uses are written; the rest of ``src`` and ``dst`` is undefined, and so are
+    ``ex_src``/``ex_dst`` unless the flags `REPORT_FLAG_EX_SRC`/`REPORT_FLAG_EX_DST` say
+    the hash took them. ``generation`` is that of the slot that steered the frame."""
 
     _fields_ = [
         ("hash", ct.c_uint32),
@@ -107,6 +114,10 @@ class SteeringReport(ct.Structure):
         ("dst_port", ct.c_uint16),
         ("src", ct.c_uint8 * 16),
         ("dst", ct.c_uint8 * 16),
+        ("ex_src", ct.c_uint8 * 16),
+        ("ex_dst", ct.c_uint8 * 16),
+        ("generation", ct.c_uint32),
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -138,6 +149,8 @@ SHARED_VALUES: dict[str, int] = {
     "SLOT_COUNT": SLOT_COUNT,
     "REPORT_FLAG_EXT_HEADERS": REPORT_FLAG_EXT_HEADERS,
     "REPORT_FLAG_FRAGMENT": REPORT_FLAG_FRAGMENT,
+    "REPORT_FLAG_EX_SRC": REPORT_FLAG_EX_SRC,
+    "REPORT_FLAG_EX_DST": REPORT_FLAG_EX_DST,
     "ETH_HLEN": ETH_HEADER_LEN,
     "ETH_P_IP": ETH_P_IPV4,
     "ETH_P_IPV6": ETH_P_IPV6,

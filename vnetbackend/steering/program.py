@@ -11,6 +11,16 @@ configuration. States the program can be in:
 * RSS off (`disable()`, also the state right after loading): no hash, report type NONE,
   every frame to queue 0.
 
+Every switch bumps a generation counter that the new slot carries and every report
+repeats (`generation`): a report is judged by the configuration that steered its frame,
+even one in flight across a switch. The last `GENERATIONS_KEPT` generations are kept.
+
+Queues as the tap delivers them: tun takes the program's answer modulo the queues attached
+to the tap, which QEMU keeps at the device's active pairs. `apply` takes that number
+(*delivered_queues*) and writes each table entry (and the unclassified queue) already
+reduced modulo it, so the program's answer, and its report, is the queue a frame really
+reaches, at no cost per frame.
+
 One writer at a time: `apply` and `disable` reuse the spare slot, so two concurrent
 writers (or two switches while a frame is still being steered by the older slot) could
 mix configurations.
@@ -18,6 +28,7 @@ mix configurations.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes as ct
 import os
@@ -46,6 +57,8 @@ from vnetbackend.steering.ring import RingBuffer
 SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
 #: Records in each CPU's report ring (a power of two).
 DEFAULT_REPORT_SLOTS = 4096
+#: Configurations remembered by generation, for reports still to be judged.
+GENERATIONS_KEPT = 64
 
 
 class SteeringError(VnetError):
@@ -72,6 +85,17 @@ class SteeringState:
     enabled: bool
     redirect: bool
     config: RssConfig | None
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One configuration the program was switched to: `number` as its reports carry it,
+    the state as applied (the guest's table, not reduced), and *delivered_queues*: the
+    queues the tap delivers among (None: as many as ``config.queues``)."""
+
+    number: int
+    state: SteeringState
+    delivered_queues: int | None = None
 
 
 @contextlib.contextmanager
@@ -139,6 +163,7 @@ class SteeringProgram:
                      for name in ("rss_slots", "control", "counters", "report_cursors",
                                   "report_slots", "report_bell")}
         self.report_slots = report_slots
+        self._init_generations()
         self._rings: ReportRings | None = None
         self._reader: ReportReader | None = None
         self._bell: RingBuffer | None = None
@@ -162,7 +187,14 @@ class SteeringProgram:
         program._ring_cpus, program.report_slots = report_cpus, report_slots
         program._rings = program._reader = program._bell = None
         program._prog_fd, program._release = prog_fd, release
+        program._init_generations()
         return program
+
+    def _init_generations(self) -> None:
+        """Fresh maps: both slots zero, i.e. RSS off in generation 0."""
+        self._generation = 0
+        self._generations: collections.OrderedDict[int, Generation] = collections.OrderedDict(
+            {0: Generation(0, SteeringState(False, False, None))})
 
     def compiled(self) -> tuple[bytes, str]:
         """The instructions of ``steer`` as the compiler left them (map references hold
@@ -226,35 +258,65 @@ class SteeringProgram:
         self._lookup("rss_slots", index, slot)
         return index, slot
 
-    def _switch_to(self, slot: RssSlot) -> None:
+    def _switch_to(self, slot: RssSlot, state: SteeringState,
+                   delivered_queues: int | None = None) -> None:
         control = self._control()
         spare = (control.active_slot + 1) % SLOT_COUNT
+        number = (self._generation + 1) & 0xFFFFFFFF
+        slot.generation = number
         self._update("rss_slots", spare, slot)
+        # Known before the switch: a report of the new generation may come at once.
+        self._generations[number] = Generation(number, state, delivered_queues)
+        while len(self._generations) > GENERATIONS_KEPT:
+            self._generations.popitem(last=False)
         control.active_slot = spare
-        self._update("control", 0, control)
+        try:
+            self._update("control", 0, control)
+        except SteeringError:
+            del self._generations[number]
+            raise
+        self._generation = number
+
+    @property
+    def generation(self) -> int:
+        """The generation of the live configuration (0 right after loading)."""
+        return self._generation
+
+    def generation_of(self, number: int) -> Generation | None:
+        """The configuration of generation *number*, or None if it is no longer kept."""
+        return self._generations.get(number)
 
     # -- configuration ------------------------------------------------------------------
 
-    def apply(self, config: RssConfig, *, redirect: bool = True) -> None:
-        """Make *config* the live RSS configuration (see the module docstring).
+    def apply(self, config: RssConfig, *, redirect: bool = True,
+              delivered_queues: int | None = None) -> None:
+        """Make *config* the live RSS configuration (see the module docstring); the tap
+        delivers among *delivered_queues* queues (None: ``config.queues``).
 
-        Anything but an `RssConfig` is refused with TypeError and changes nothing.
+        Anything but an `RssConfig` is refused with TypeError, a *delivered_queues* below 1
+        with ValueError; either changes nothing.
         """
         if not isinstance(config, RssConfig):
             raise TypeError(f"apply needs an RssConfig, got {type(config).__name__}")
+        if delivered_queues is not None and (not isinstance(delivered_queues, int)
+                                             or delivered_queues < 1):
+            raise ValueError(f"delivered_queues must be a positive integer, "
+                             f"got {delivered_queues!r}")
+        modulo = delivered_queues or config.queues
         slot = RssSlot(enabled=1, redirect=int(bool(redirect)), hash_types=int(config.hash_types),
                        table_length=len(config.indirection_table),
-                       unclassified_queue=config.unclassified_queue, queues=config.queues,
-                       key_length=len(config.key))
+                       unclassified_queue=config.unclassified_queue % modulo,
+                       queues=config.queues, key_length=len(config.key))
         slot.key[: len(config.key)] = config.key
-        slot.indirection[: len(config.indirection_table)] = config.indirection_table
+        slot.indirection[: len(config.indirection_table)] = [
+            queue % modulo for queue in config.indirection_table]
         for position, table in enumerate(tables_for(config.key)):
             slot.toeplitz[position][:] = table
-        self._switch_to(slot)
+        self._switch_to(slot, SteeringState(True, bool(redirect), config), delivered_queues)
 
     def disable(self) -> None:
         """RSS off: no hash, report type NONE, every frame to queue 0."""
-        self._switch_to(RssSlot(table_length=1, queues=1))
+        self._switch_to(RssSlot(table_length=1, queues=1), SteeringState(False, False, None))
 
     def read_state(self) -> SteeringState:
         """The live configuration as the maps hold it.
@@ -307,6 +369,13 @@ class SteeringProgram:
     def reset_counters(self) -> None:
         """Zero the counters and restart the sampling on every CPU."""
         self._update("counters", 0, (SteeringCounters * self._cpus)())
+
+    def report_rings(self) -> ReportRings:
+        """This program's report rings, for reading records in batches
+        (`ReportRings.take_batch`); they are the rings `reports` reads."""
+        self.reports()
+        assert self._rings is not None
+        return self._rings
 
     def reports(self) -> ReportReader:
         """The reader of this program's report rings (one per program)."""

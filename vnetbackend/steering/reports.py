@@ -2,7 +2,9 @@
 
 The program writes each report into a ring of its own CPU, held in two array maps that
 `ReportRings` maps into this process (bpf/steering.bpf.c says how the two sides meet).
-`ReportReader.drain()` returns what is in the rings now; iterating it with ``async for``
+`ReportReader.drain()` returns what is in the rings now; `ReportRings.take_batch()` copies
+it as one numpy array of records (the layout's dtype, `RECORD_DTYPE`) with no per-record
+Python work, for readers that judge reports in bulk; iterating a reader with ``async for``
 waits on the program's bell (a BPF ring buffer that gets a record whenever a report lands
 in a ring the reader had emptied) in the running asyncio loop (``loop.add_reader``), so
 reports arrive without polling or threads. Reports of one CPU come oldest first; reports
@@ -17,12 +19,16 @@ import ctypes as ct
 import mmap
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from vnetbackend.errors import VnetError
 from vnetbackend.rss.types import HashReport
 from vnetbackend.steering.layout import (
+    REPORT_FLAG_EX_DST,
+    REPORT_FLAG_EX_SRC,
     REPORT_FLAG_EXT_HEADERS,
     REPORT_FLAG_FRAGMENT,
     ReportCursor,
@@ -36,6 +42,11 @@ class Report:
 
     ``src``/``dst`` are the IP header's addresses (4 or 16 bytes, empty for non-IP);
     ports are 0 unless ``l4_proto`` says the transport header counted (6 or 17).
+    ``hashed_src``/``hashed_dst`` are the addresses the hash took: the `_EX` ones (home
+    address, type 2 routing header) where the program used them, else ``src``/``dst``.
+    ``generation`` names the configuration that steered the frame
+    (`SteeringProgram.generation`); it is not compared, being the program's bookkeeping
+    rather than what it decided.
     """
 
     queue: int
@@ -52,17 +63,21 @@ class Report:
     frame_len: int
     has_ext_headers: bool
     fragment: bool
+    hashed_src: bytes = b""
+    hashed_dst: bytes = b""
+    generation: int = field(default=0, compare=False)
 
     @classmethod
     def from_record(cls, record: SteeringReport) -> Report:
         width = {4: 4, 6: 16}.get(record.ip_version, 0)
+        src, dst = bytes(record.src)[:width], bytes(record.dst)[:width]
         return cls(
             queue=record.queue,
             hash=record.hash,
             report=HashReport(record.report_type),
             ip_version=record.ip_version,
-            src=bytes(record.src)[:width],
-            dst=bytes(record.dst)[:width],
+            src=src,
+            dst=dst,
             l4_proto=record.l4_proto,
             src_port=record.src_port,
             dst_port=record.dst_port,
@@ -71,10 +86,17 @@ class Report:
             frame_len=record.frame_len,
             has_ext_headers=bool(record.flags & REPORT_FLAG_EXT_HEADERS),
             fragment=bool(record.flags & REPORT_FLAG_FRAGMENT),
+            hashed_src=bytes(record.ex_src)[:width] if record.flags & REPORT_FLAG_EX_SRC
+            else src,
+            hashed_dst=bytes(record.ex_dst)[:width] if record.flags & REPORT_FLAG_EX_DST
+            else dst,
+            generation=record.generation,
         )
 
 
 _RECORD_SIZE = ct.sizeof(SteeringReport)
+#: One report record as a numpy structured type (fields as in `SteeringReport`).
+RECORD_DTYPE = np.dtype(SteeringReport)
 _CURSOR_SIZE = ct.sizeof(ReportCursor)
 _HEAD = ReportCursor.head.offset
 _TAIL = ReportCursor.tail.offset
@@ -128,7 +150,7 @@ class ReportSource(Protocol):
     @property
     def fd(self) -> int: ...
 
-    def take(self) -> list[bytes]: ...
+    def take_batch(self) -> np.ndarray: ...
 
     def skip(self) -> int: ...
 
@@ -157,7 +179,10 @@ class ReportRings:
         except ReportRingError:
             _libc.munmap(self._cursors, self._cursors_len)
             raise
+        records = (ct.c_char * (cpus * slots * _RECORD_SIZE)).from_address(self._records)
+        self._array = np.frombuffer(records, dtype=RECORD_DTYPE)
         self._closed = False
+        self.taken = 0
         self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, _SEQ_CST)
                        for cpu in range(cpus)]
 
@@ -168,9 +193,8 @@ class ReportRings:
     def _cursor(self, cpu: int) -> int:
         return self._cursors + cpu * _CURSOR_SIZE
 
-    def _advance(self, on_record: Callable[[int, int], None] | None) -> int:
-        """Move every CPU's tail to its head; *on_record* gets (cpu, position) of each
-        record before its slot is handed back. Returns how many records there were."""
+    def skip(self) -> int:
+        """Hand every written record back unread; returns how many there were."""
         if self._closed:
             raise ReportRingError("the report rings were closed with their program")
         self._consume_bell()
@@ -179,65 +203,99 @@ class ReportRings:
             cursor, tail = self._cursor(cpu), self._tails[cpu]
             while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
                 # The program never runs more than a ring ahead of the tail it saw.
-                tail = min(max(tail, head - self._slots), head)
-                if on_record is not None:
-                    for position in range(tail, head):
-                        on_record(cpu, position)
-                total += head - tail
+                total += head - max(tail, head - self._slots)
                 tail = head
                 self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
             self._tails[cpu] = tail
         return total
 
-    def take(self) -> list[bytes]:
-        """The records written since the last call: oldest first per CPU."""
-        records: list[bytes] = []
-
-        def copy(cpu: int, position: int) -> None:
-            slot = cpu * self._slots + position % self._slots
-            records.append(ct.string_at(self._records + slot * _RECORD_SIZE, _RECORD_SIZE))
-
-        self._advance(copy)
-        return records
-
-    def skip(self) -> int:
-        """Hand every written record back unread; returns how many there were."""
-        return self._advance(None)
+    def take_batch(self) -> np.ndarray:
+        """The records written since the last call as one array of `RECORD_DTYPE`
+        (oldest first per CPU): each CPU's run is copied with at most two slices (the
+        ring may wrap), before its slots are handed back to the program."""
+        if self._closed:
+            raise ReportRingError("the report rings were closed with their program")
+        self._consume_bell()
+        pieces = []
+        for cpu in range(self._cpus):
+            cursor, tail = self._cursor(cpu), self._tails[cpu]
+            while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
+                tail = min(max(tail, head - self._slots), head)
+                base = cpu * self._slots
+                first, count = tail % self._slots, head - tail
+                upto = min(first + count, self._slots)
+                pieces.append(self._array[base + first: base + upto].copy())
+                if first + count > self._slots:
+                    pieces.append(self._array[base: base + first + count - self._slots].copy())
+                tail = head
+                self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
+            self._tails[cpu] = tail
+        batch = np.concatenate(pieces) if pieces else np.empty(0, RECORD_DTYPE)
+        self.taken += len(batch)
+        return batch
 
     def close(self) -> None:
         """Unmap the rings; reading them afterwards raises ReportRingError."""
         if not self._closed:
             self._closed = True
+            del self._array
             _libc.munmap(self._records, self._records_len)
             _libc.munmap(self._cursors, self._cursors_len)
+
+
+#: Records a pumping reader keeps for `ReportReader.drain`/`next` callers (6 MiB).
+RETAINED_RECORDS = 1 << 16
 
 
 class ReportReader:
     """Reads the program's reports from *source* (one reader per loaded program).
 
-    Records that cannot be decoded are counted in ``malformed`` and skipped.
+    Every record read passes, as part of a batch, through `on_batch` (if set) before
+    anything else sees it: a daemon judges every report there. `pump` reads the rings
+    whenever the bell rings; callers of `drain` and `next` meanwhile get the reports the
+    pump read, decoded on demand, of which the last `retain` records are kept (older
+    ones are counted in ``not_retained``). Records whose report type the specification
+    does not have are counted in ``malformed`` and skipped.
     """
 
-    def __init__(self, source: ReportSource) -> None:
+    def __init__(self, source: ReportSource, retain: int = RETAINED_RECORDS) -> None:
         self._source = source
+        self.retain = retain
+        self.on_batch: Callable[[np.ndarray], None] | None = None
+        self._batches: collections.deque[np.ndarray] = collections.deque()
+        self._retained = 0
         self._ready: collections.deque[Report] = collections.deque()
+        self._waiters: set[asyncio.Event] = set()
+        self._pumping = False
         self.malformed = 0
+        self.not_retained = 0
 
-    def _decode(self, data: bytes) -> None:
-        if len(data) < _RECORD_SIZE:
-            self.malformed += 1
-            return
-        record = SteeringReport.from_buffer_copy(data[:_RECORD_SIZE])
-        try:
-            report = Report.from_record(record)
-        except ValueError:  # a report type the specification does not have
-            self.malformed += 1
-            return
-        self._ready.append(report)
+    def take_batch(self) -> np.ndarray:
+        """Read every record in the rings now, as one array (`RECORD_DTYPE`)."""
+        batch = self._source.take_batch()
+        if len(batch):
+            if self.on_batch is not None:
+                self.on_batch(batch)
+            self._batches.append(batch)
+            self._retained += len(batch)
+            while self._retained > self.retain:
+                dropped = self._batches.popleft()
+                self._retained -= len(dropped)
+                self.not_retained += len(dropped)
+            for waiter in self._waiters:
+                waiter.set()
+        return batch
 
     def _consume(self) -> None:
-        for data in self._source.take():
-            self._decode(data)
+        self.take_batch()
+        while self._batches:
+            for row in self._batches.popleft():
+                record = SteeringReport.from_buffer_copy(row.tobytes())
+                try:
+                    self._ready.append(Report.from_record(record))
+                except ValueError:  # a report type the specification does not have
+                    self.malformed += 1
+        self._retained = 0
 
     def drain(self) -> list[Report]:
         """Every report written so far and not yet returned (oldest first per CPU)."""
@@ -247,32 +305,62 @@ class ReportReader:
         return reports
 
     def discard(self) -> int:
-        """Empty the rings without decoding (for benchmarks); returns how many records."""
-        pending = len(self._ready)
+        """Empty the rings without decoding or `on_batch` (for benchmarks); returns how
+        many records there were."""
+        pending = len(self._ready) + self._retained
         self._ready.clear()
+        self._batches.clear()
+        self._retained = 0
         return pending + self._source.skip()
 
+    async def pump(self) -> None:
+        """Read the rings each time the bell's fd is readable, until cancelled; raises
+        `ReportRingError` if the rings go away (their program was closed), and whatever
+        `on_batch` raises."""
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[None] = loop.create_future()
+
+        def on_bell() -> None:
+            try:
+                self.take_batch()
+            except Exception as err:  # rings gone, or a fault in on_batch: stop here
+                loop.remove_reader(self._source.fd)
+                if not failed.done():
+                    failed.set_exception(err)
+
+        loop.add_reader(self._source.fd, on_bell)
+        self._pumping = True
+        try:
+            self.take_batch()  # records that landed before the reader was added
+            await failed
+        finally:
+            self._pumping = False
+            loop.remove_reader(self._source.fd)
+
     async def next(self, timeout: float | None = None) -> Report:
-        """The next report; waits on the bell's fd (TimeoutError after *timeout* s)."""
+        """The next report; waits on the bell's fd, or on the pump while one runs
+        (TimeoutError after *timeout* s)."""
         self._consume()
         if self._ready:
             return self._ready.popleft()
         loop = asyncio.get_running_loop()
         arrived = asyncio.Event()
-
-        def on_readable() -> None:
-            self._consume()
-            if self._ready:
-                arrived.set()
-
-        loop.add_reader(self._source.fd, on_readable)
+        own = not self._pumping
+        if own:
+            loop.add_reader(self._source.fd, self.take_batch)
+        self._waiters.add(arrived)
         try:
-            on_readable()  # a record may have landed before the reader was added
             async with asyncio.timeout(timeout):
-                await arrived.wait()
+                while True:
+                    self._consume()  # a record may have landed before the wait began
+                    if self._ready:
+                        return self._ready.popleft()
+                    arrived.clear()
+                    await arrived.wait()
         finally:
-            loop.remove_reader(self._source.fd)
-        return self._ready.popleft()
+            self._waiters.discard(arrived)
+            if own:
+                loop.remove_reader(self._source.fd)
 
     def __aiter__(self) -> AsyncIterator[Report]:
         return self._iterate()
