@@ -1,0 +1,229 @@
+"""Joining the guest's records with the kernel's reports by flow, and judging each frame.
+
+Crafted frames can be told apart by their length; ordinary traffic cannot (a TCP bulk
+flow sends thousands of frames of one length, retransmissions repeat a frame). Here a
+frame is found by its identity as both sides read it from its headers: IP version,
+addresses, and for TCP/UDP the protocol and ports (the steering program's report
+counts them only then), plus its L3 length; a non-IP frame only by its length. Within
+one identity the guest's records (in the recorder's order) and the reports (in the
+ring's order) are paired first to first. Frames of one identity are interchangeable
+for the check, since the hash and queue depend on nothing else, except for the
+configuration in force, which the caller gives per report (`judge`).
+
+Whatever is left over is unmatched with a reason (`Reason`): a guest record with no
+report (the frame did not pass the steering program while it reported: reports off, the
+program detached for an RSS change, or a frame the guest made up), a report with no
+guest record (the guest did not receive it, or its recorder lost the record), a guest
+record whose headers the guest could not read.
+
+No I/O here: the inputs are `vnetbackend.guest_records.GuestRecord` and
+`vnetbackend.steering.reports.Report` lists.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vnetbackend.checker import Outcome, expectation
+from vnetbackend.errors import VnetError
+from vnetbackend.guest_records import GuestRecord
+from vnetbackend.qemu.departures import Kind
+from vnetbackend.rss import RssConfig
+from vnetbackend.steering.reports import Report
+
+ETH_HEADER_LEN = 14
+_PORTED = (6, 17)
+
+#: (ip version, src, dst, l4 proto, src port, dst port, length); length is the L3 length
+#: for IP frames and the frame length for the rest.
+FlowKey = tuple[int, bytes, bytes, int, int, int, int]
+
+
+class FlowJoinError(VnetError, ValueError):
+    """The inputs of a check do not fit together (field and value in the message)."""
+
+
+class Reason(enum.Enum):
+    """Why a frame ended unmatched."""
+
+    NO_REPORT = "guest record with no report of its flow and length"
+    NOT_IP_NO_REPORT = "not IP (no flow identity) and no report of its length"
+    SHORT_HEADERS = "the guest could not read the frame's headers"
+    NO_GUEST_RECORD = "report with no guest record (not received, or the record was lost)"
+    EXT_HEADERS = "IPv6 extension headers: the identity does not carry what the hash needs"
+
+
+def report_key(report: Report) -> FlowKey:
+    if report.ip_version == 0:
+        return (0, b"", b"", 0, 0, 0, report.frame_len)
+    ported = report.l4_proto in _PORTED
+    return (report.ip_version, report.src, report.dst, report.l4_proto if ported else 0,
+            report.src_port if ported else 0, report.dst_port if ported else 0,
+            report.l3_len)
+
+
+def record_key(record: GuestRecord) -> FlowKey:
+    """The key of *record* as the steering program would report its frame: ports only
+    for TCP and UDP outside fragments (the program's reading), non-IP by frame length."""
+    if record.ip_version == 0:
+        return (0, b"", b"", 0, 0, 0, record.l3_len + ETH_HEADER_LEN)
+    ported = record.l4_proto in _PORTED and not record.fragment
+    return (record.ip_version, record.src, record.dst, record.l4_proto if ported else 0,
+            record.src_port if ported else 0, record.dst_port if ported else 0,
+            record.l3_len)
+
+
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """A guest record or a report (by its index) that found no partner, and why."""
+
+    reason: Reason
+    record: GuestRecord | None = None
+    report_index: int | None = None
+
+
+@dataclass
+class Join:
+    """Pairs of (guest record, index of its report) and what stayed unmatched."""
+
+    pairs: list[tuple[GuestRecord, int]] = field(default_factory=list)
+    unmatched: list[Unmatched] = field(default_factory=list)
+
+    def unmatched_by_reason(self) -> Counter[str]:
+        return Counter(u.reason.name for u in self.unmatched)
+
+
+def join(records: Sequence[GuestRecord], reports: Sequence[Report]) -> Join:
+    """Pair *records* with *reports* by identity, in order within each identity."""
+    by_key: dict[FlowKey, list[int]] = defaultdict(list)
+    for index, report in enumerate(reports):
+        by_key[report_key(report)].append(index)
+    taken: dict[FlowKey, int] = defaultdict(int)
+    result = Join()
+    for record in sorted(records, key=lambda r: r.seq):
+        if record.short:
+            result.unmatched.append(Unmatched(Reason.SHORT_HEADERS, record=record))
+            continue
+        key = record_key(record)
+        waiting = by_key.get(key, ())
+        if taken[key] < len(waiting):
+            result.pairs.append((record, waiting[taken[key]]))
+            taken[key] += 1
+        else:
+            reason = Reason.NO_REPORT if record.ip_version else Reason.NOT_IP_NO_REPORT
+            result.unmatched.append(Unmatched(reason, record=record))
+    for key, indexes in by_key.items():
+        result.unmatched.extend(Unmatched(Reason.NO_GUEST_RECORD, report_index=index)
+                                for index in indexes[taken[key]:])
+    return result
+
+
+def identity_frame(report: Report, ethertype: int) -> bytes:
+    """A frame with *report*'s identity (addresses, protocol, ports, L3 length) and
+    nothing else: what the reference model needs to steer it. *ethertype* is used for
+    non-IP frames, which the model steers alike whatever it is."""
+    eth = bytes(12)
+    proto = report.l4_proto
+    if proto == 6:
+        l4 = struct.pack("!HH", report.src_port, report.dst_port) + bytes(16)
+    elif proto == 17:
+        l4 = struct.pack("!HH", report.src_port, report.dst_port) + bytes(4)
+    else:
+        l4 = b""
+    if report.ip_version == 4:
+        flags = 0x2000 if report.fragment else 0  # more fragments: a first fragment
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, min(report.l3_len, 0xFFFF), 0, flags, 64,
+                         proto if l4 else 0xFD, 0, report.src, report.dst)
+        return eth + b"\x08\x00" + ip + l4
+    if report.ip_version == 6:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto if l4 else 59, 64,
+                         report.src, report.dst)
+        return eth + b"\x86\xdd" + ip + l4
+    return eth + struct.pack("!H", ethertype) + bytes(28)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowVerdict:
+    """One joined frame's outcome; ``configs`` is how many configurations could have
+    been in force (more than one only for frames in flight across an RSS change)."""
+
+    record: GuestRecord
+    report: Report
+    outcome: Outcome
+    reason: str
+    configs: int
+
+
+def judge(record: GuestRecord, report: Report,
+          candidates: Sequence[RssConfig]) -> FlowVerdict:
+    """The kernel's report against the model, and the guest's record against what the
+    guest should see (`vnetbackend.checker.expectation`, departures included), each under
+    any of the *candidates* (the configurations that may have been in force while the
+    frame passed: one, or the old and the new across a change)."""
+    if not candidates:
+        raise FlowJoinError("candidates: empty (judge needs at least one configuration)")
+    if report.has_ext_headers:
+        return FlowVerdict(record, report, Outcome.UNMATCHED, Reason.EXT_HEADERS.value,
+                           len(candidates))
+    frame = identity_frame(report, record.protocol)
+    kernel_ok = guest_ok = False
+    departure_kind: Kind | None = None
+    for config in candidates:
+        model = config.steer(frame)
+        expected = expectation(config, frame)
+        if (report.hash, report.report, report.queue) == model[:3]:
+            kernel_ok = True
+        if (record.queue, record.hash, record.l4_hash) == (
+                expected.queue, expected.hash, expected.l4_hash):
+            guest_ok = True
+            if expected.departure is not None and (
+                    expected.queue, expected.hash, expected.l4_hash) != (
+                    model.queue, model.hash, model.report.is_l4):
+                departure_kind = expected.departure.kind
+    reasons = []
+    if not kernel_ok:
+        reasons.append("kernel differs from the specification")
+    if not guest_ok:
+        reasons.append("guest differs from the specification")
+    if reasons:
+        return FlowVerdict(record, report, Outcome.DISAGREED, "; ".join(reasons),
+                           len(candidates))
+    outcome = Outcome.AGREED
+    if departure_kind is not None:
+        outcome = Outcome.DEPARTURE if departure_kind is Kind.DEPARTS else Outcome.SPEC_OPEN
+    return FlowVerdict(record, report, outcome, "", len(candidates))
+
+
+@dataclass
+class FlowCheck:
+    """Every frame of a run: joined and judged, or unmatched with its reason."""
+
+    verdicts: list[FlowVerdict]
+    unmatched: list[Unmatched]
+
+    def tally(self) -> dict[str, object]:
+        outcomes = Counter(v.outcome.value for v in self.verdicts)
+        outcomes[Outcome.UNMATCHED.value] += len(self.unmatched)
+        return {"frames": len(self.verdicts) + len(self.unmatched),
+                **{o.value: outcomes[o.value] for o in Outcome},
+                "across-changes": sum(v.configs > 1 for v in self.verdicts),
+                "unmatched-reasons": dict(Counter(
+                    [u.reason.name for u in self.unmatched]
+                    + [Reason.EXT_HEADERS.name for v in self.verdicts
+                       if v.outcome is Outcome.UNMATCHED]))}
+
+
+def check_flows(records: Sequence[GuestRecord], reports: Sequence[Report],
+                candidates: Sequence[Sequence[RssConfig]]) -> FlowCheck:
+    """Join *records* with *reports* and judge each pair; ``candidates[i]`` are the
+    configurations that may have been in force for ``reports[i]``."""
+    if len(candidates) != len(reports):
+        raise FlowJoinError(f"candidates: {len(candidates)} entries for {len(reports)} reports")
+    joined = join(records, reports)
+    verdicts = [judge(record, reports[index], candidates[index])
+                for record, index in joined.pairs]
+    return FlowCheck(verdicts, joined.unmatched)
