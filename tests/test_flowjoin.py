@@ -11,7 +11,7 @@ import ipaddress
 import pytest
 
 from vnetbackend.checker import Outcome
-from vnetbackend.flowjoin import FlowJoinError, Reason, check_flows, join
+from vnetbackend.flowjoin import ConfigTimeline, FlowJoinError, Reason, check_flows, join
 from vnetbackend.guest_records import GuestRecord
 from vnetbackend.rss import RssConfig
 from vnetbackend.rss.types import HashReport, HashType
@@ -22,6 +22,7 @@ ALL_TYPES = int(HashType.IPV4 | HashType.TCPV4 | HashType.UDPV4 | HashType.IPV6
                 | HashType.TCPV6 | HashType.UDPV6)
 TABLE = tuple(i % 4 for i in range(128))
 CONFIG = RssConfig(hash_types=ALL_TYPES, key=MICROSOFT_KEY, indirection_table=TABLE, queues=4)
+FIXED = ConfigTimeline(CONFIG)
 #: Another configuration: every frame to queue 3.
 ALL_TO_3 = RssConfig(hash_types=ALL_TYPES, key=MICROSOFT_KEY, indirection_table=(3,) * 128,
                      queues=4)
@@ -91,7 +92,7 @@ def traffic(per_flow: int = 50) -> tuple[list[GuestRecord], list[Report]]:
 def test_published_hashes_agree_and_every_frame_is_accounted_for() -> None:
     records, reports = traffic()
     records.insert(17, arp_record())  # the guest's own ARP reply: no report kept
-    result = check_flows(records, reports, [(CONFIG,)] * len(reports))
+    result = check_flows(records, reports, FIXED, FIXED)
     tally = result.tally()
     assert tally["frames"] == len(reports) + 1
     assert tally["agreed"] == len(reports)
@@ -102,7 +103,7 @@ def test_published_hashes_agree_and_every_frame_is_accounted_for() -> None:
 def test_a_removed_report_is_unmatched_never_agreed() -> None:
     records, reports = traffic()
     del reports[40]
-    result = check_flows(records, reports, [(CONFIG,)] * len(reports))
+    result = check_flows(records, reports, FIXED, FIXED)
     tally = result.tally()
     assert tally["agreed"] == len(reports)
     assert tally["unmatched-reasons"] == {"NO_REPORT": 1}
@@ -122,7 +123,7 @@ def test_a_wrong_guest_hash_or_queue_disagrees() -> None:
     wrong = records[2]
     records[2] = record_of(FLOWS[2], wrong.l3_len, hash_=wrong.hash ^ 1)
     records[5] = record_of(FLOWS[5], records[5].l3_len, table=(3,) * 128)
-    tally = check_flows(records, reports, [(CONFIG,)] * len(reports)).tally()
+    tally = check_flows(records, reports, FIXED, FIXED).tally()
     # The record with hash ^ 1 may keep its queue, the one on queue 3 keeps its hash.
     assert tally["disagreed"] == 2 - (FLOWS[5]["hash"] % 128 % 4 == 3)
 
@@ -130,7 +131,7 @@ def test_a_wrong_guest_hash_or_queue_disagrees() -> None:
 def test_a_wrong_kernel_report_disagrees() -> None:
     records, reports = traffic(per_flow=2)
     reports[0] = report_of(FLOWS[0], reports[0].l3_len, hash_=0x12345678)
-    result = check_flows(records, reports, [(CONFIG,)] * len(reports))
+    result = check_flows(records, reports, FIXED, FIXED)
     assert [v.reason for v in result.verdicts if v.outcome is Outcome.DISAGREED] == [
         "kernel differs from the specification"]
 
@@ -144,18 +145,24 @@ def test_frames_across_a_change_are_judged_under_either_configuration_only() -> 
                       for i, r in enumerate(records[half:], start=half)]
     reports[half:] = [report_of(FLOWS[i % len(FLOWS)], r.l3_len, table=(3,) * 128)
                       for i, r in enumerate(reports[half:], start=half)]
-    window = range(half - 8, half + 8)
-    candidates = [(CONFIG, ALL_TO_3) if i in window else (CONFIG,) if i < half else (ALL_TO_3,)
-                  for i in range(len(reports))]
-    tally = check_flows(records, reports, candidates).tally()
+    kernel = ConfigTimeline(CONFIG)
+    kernel.change(half - 8, half + 8, ALL_TO_3)
+    guest = ConfigTimeline(CONFIG)
+    guest.change(records[half - 4].seq, records[half + 4].seq, ALL_TO_3)
+    tally = check_flows(records, reports, kernel, guest).tally()
     assert tally["agreed"] == len(reports)
-    assert tally["across-changes"] == len(window)
+    assert tally["across-changes"] == 16
     # Judged under the old configuration alone, the second half disagrees.
-    wrong = check_flows(records, reports, [(CONFIG,)] * len(reports)).tally()
+    wrong = check_flows(records, reports, FIXED, FIXED).tally()
     assert wrong["disagreed"] >= sum(1 for r in reports[half:] if r.hash % 128 % 4 != 3)
 
 
-def test_inputs_that_do_not_fit_are_refused() -> None:
-    records, reports = traffic(per_flow=1)
-    with pytest.raises(FlowJoinError, match="candidates"):
-        check_flows(records, reports, [])
+def test_change_spans_must_run_forward() -> None:
+    timeline = ConfigTimeline(CONFIG)
+    timeline.change(10, 20, ALL_TO_3)
+    assert (timeline.at(9), timeline.at(10), timeline.at(20)) == (
+        (CONFIG,), (CONFIG, ALL_TO_3), (ALL_TO_3,))
+    with pytest.raises(FlowJoinError, match="overlaps"):
+        timeline.change(15, 30, CONFIG)
+    with pytest.raises(FlowJoinError, match="backwards"):
+        ConfigTimeline(CONFIG).change(5, 4, CONFIG)

@@ -146,10 +146,44 @@ def identity_frame(report: Report, ethertype: int) -> bytes:
     return eth + struct.pack("!H", ethertype) + bytes(28)
 
 
+class ConfigTimeline:
+    """Which configurations may have been in force at each position of a stream (report
+    index, or guest record sequence number).
+
+    Starts with one configuration; each `change` names the span ``[start, end)`` in which
+    the old one or the new one may have applied (frames in flight while the change went
+    through) and after which the new one alone did.
+    """
+
+    def __init__(self, initial: RssConfig) -> None:
+        self._changes: list[tuple[int, int, RssConfig]] = []
+        self._initial = initial
+
+    def change(self, start: int, end: int, config: RssConfig) -> None:
+        if end < start or (self._changes and start < self._changes[-1][1]):
+            raise FlowJoinError(f"change span [{start}, {end}) overlaps or runs backwards")
+        self._changes.append((start, end, config))
+
+    @property
+    def changes(self) -> int:
+        return len(self._changes)
+
+    def at(self, position: int) -> tuple[RssConfig, ...]:
+        current = self._initial
+        for start, end, config in self._changes:
+            if position < start:
+                break
+            if position < end:
+                return (current, config)
+            current = config
+        return (current,)
+
+
 @dataclass(frozen=True, slots=True)
 class FlowVerdict:
     """One joined frame's outcome; ``configs`` is how many configurations could have
-    been in force (more than one only for frames in flight across an RSS change)."""
+    been in force for either side (more than one only for frames in flight across an RSS
+    change)."""
 
     record: GuestRecord
     report: Report
@@ -158,28 +192,28 @@ class FlowVerdict:
     configs: int
 
 
-def judge(record: GuestRecord, report: Report,
-          candidates: Sequence[RssConfig]) -> FlowVerdict:
-    """The kernel's report against the model, and the guest's record against what the
-    guest should see (`vnetbackend.checker.expectation`, departures included), each under
-    any of the *candidates* (the configurations that may have been in force while the
-    frame passed: one, or the old and the new across a change)."""
-    if not candidates:
-        raise FlowJoinError("candidates: empty (judge needs at least one configuration)")
+def judge(record: GuestRecord, report: Report, kernel_configs: Sequence[RssConfig],
+          guest_configs: Sequence[RssConfig]) -> FlowVerdict:
+    """The kernel's report against the model under any of *kernel_configs*, and the
+    guest's record against what the guest should see
+    (`vnetbackend.checker.expectation`, departures included) under any of
+    *guest_configs*: one configuration each, or the old and the new across a change."""
+    if not kernel_configs or not guest_configs:
+        raise FlowJoinError("configs: empty (judge needs at least one configuration)")
+    spread = max(len(kernel_configs), len(guest_configs))
     if report.has_ext_headers:
-        return FlowVerdict(record, report, Outcome.UNMATCHED, Reason.EXT_HEADERS.value,
-                           len(candidates))
+        return FlowVerdict(record, report, Outcome.UNMATCHED, Reason.EXT_HEADERS.value, spread)
     frame = identity_frame(report, record.protocol)
-    kernel_ok = guest_ok = False
+    kernel_ok = any((report.hash, report.report, report.queue) == config.steer(frame)[:3]
+                    for config in kernel_configs)
+    guest_ok = False
     departure_kind: Kind | None = None
-    for config in candidates:
-        model = config.steer(frame)
+    for config in guest_configs:
         expected = expectation(config, frame)
-        if (report.hash, report.report, report.queue) == model[:3]:
-            kernel_ok = True
         if (record.queue, record.hash, record.l4_hash) == (
                 expected.queue, expected.hash, expected.l4_hash):
             guest_ok = True
+            model = config.steer(frame)
             if expected.departure is not None and (
                     expected.queue, expected.hash, expected.l4_hash) != (
                     model.queue, model.hash, model.report.is_l4):
@@ -190,12 +224,11 @@ def judge(record: GuestRecord, report: Report,
     if not guest_ok:
         reasons.append("guest differs from the specification")
     if reasons:
-        return FlowVerdict(record, report, Outcome.DISAGREED, "; ".join(reasons),
-                           len(candidates))
+        return FlowVerdict(record, report, Outcome.DISAGREED, "; ".join(reasons), spread)
     outcome = Outcome.AGREED
     if departure_kind is not None:
         outcome = Outcome.DEPARTURE if departure_kind is Kind.DEPARTS else Outcome.SPEC_OPEN
-    return FlowVerdict(record, report, outcome, "", len(candidates))
+    return FlowVerdict(record, report, outcome, "", spread)
 
 
 @dataclass
@@ -218,12 +251,10 @@ class FlowCheck:
 
 
 def check_flows(records: Sequence[GuestRecord], reports: Sequence[Report],
-                candidates: Sequence[Sequence[RssConfig]]) -> FlowCheck:
-    """Join *records* with *reports* and judge each pair; ``candidates[i]`` are the
-    configurations that may have been in force for ``reports[i]``."""
-    if len(candidates) != len(reports):
-        raise FlowJoinError(f"candidates: {len(candidates)} entries for {len(reports)} reports")
+                kernel: ConfigTimeline, guest: ConfigTimeline) -> FlowCheck:
+    """Join *records* with *reports* and judge each pair: the report by *kernel* at its
+    index in *reports*, the record by *guest* at its sequence number."""
     joined = join(records, reports)
-    verdicts = [judge(record, reports[index], candidates[index])
+    verdicts = [judge(record, reports[index], kernel.at(index), guest.at(record.seq))
                 for record, index in joined.pairs]
     return FlowCheck(verdicts, joined.unmatched)
