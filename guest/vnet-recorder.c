@@ -16,14 +16,15 @@
  *
  *   h vnet-recorder 1 <kernel release> <interface> <skb data offset>   (once, first)
  *   r <seq> <cpu> <queue_mapping> <hash> <l4> <ethertype> <l3 len> <ip version>
- *     <l4 proto> <src port> <dst port> <src> <dst> <flags>                (per frame)
+ *     <l4 proto> <src port> <dst port> <src> <dst> <flags> <headers>      (per frame)
  *   l <cpu> <count>     the kernel's buffer overflowed: count frames lost (-1: unknown)
  *   p <seq>             a pass over every CPU's buffer ended; seq = next record's
  *
  * hash, ethertype, flags, src and dst in hex (addresses 8 or 32 digits, "-" if none);
  * queue_mapping as the driver set it (rx queue + 1, 0 = none recorded); flags: 1 fragment,
  * 2 IPv6 extension headers, 4 headers cut short (not all of them in the bytes fetched or
- * the frame), 8 a non-first fragment (no ports).
+ * the frame), 8 a non-first fragment (no ports); headers: bytes of IP and TCP/UDP headers
+ * (0 if not read), so that the payload is <l3 len> - <headers>.
  *
  * Usage: vnet-recorder [-i IFACE] [-o PATH | -p PORT_NAME] [-d SKB_DATA_OFFSET]
  *                      [-b BUFFER_KB]
@@ -266,6 +267,7 @@ static void record(int cpu, const unsigned char *data, int size)
 	unsigned ethertype = proto & 0xffff; /* the tracepoint stores ntohs(skb->protocol) */
 	unsigned avail = len < HDR_BYTES ? len : HDR_BYTES, off = 0, l3_len = len;
 	unsigned version = 0, l4proto = 0, sport = 0, dport = 0, flags = 0, alen = 0, ports_at = 0;
+	unsigned headers = 0;
 	char src[33] = "-", dst[33] = "-";
 
 	/* VLAN tags the driver left in place (no offload on virtio-net): up to two. */
@@ -336,10 +338,14 @@ static void record(int cpu, const unsigned char *data, int size)
 		} else {
 			sport = h[ports_at] << 8 | h[ports_at + 1];
 			dport = h[ports_at + 2] << 8 | h[ports_at + 3];
+			if (l4proto == 17)
+				headers = ports_at - off + 8;
+			else if (ports_at + 13 <= avail)
+				headers = ports_at - off + (h[ports_at + 12] >> 4) * 4;
 		}
 	}
-	emit("r %llu %d %u %08x %u %04x %u %u %u %u %u %s %s %x\n", seq++, cpu, qm, hash, l4,
-	     ethertype, l3_len, version, l4proto, sport, dport, src, dst, flags);
+	emit("r %llu %d %u %08x %u %04x %u %u %u %u %u %s %s %x %u\n", seq++, cpu, qm, hash, l4,
+	     ethertype, l3_len, version, l4proto, sport, dport, src, dst, flags, headers);
 }
 
 /* One page from trace_pipe_raw: header (timestamp u64, commit u64), then events. */

@@ -6,6 +6,7 @@ queues from the indirection table by hand (hash mod 128 -> table entry).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -120,11 +121,10 @@ def test_a_lost_guest_record_leaves_its_report_unmatched() -> None:
 
 def test_a_wrong_guest_hash_or_queue_disagrees() -> None:
     records, reports = traffic(per_flow=3)
-    wrong = records[2]
-    records[2] = record_of(FLOWS[2], wrong.l3_len, hash_=wrong.hash ^ 1)
-    records[5] = record_of(FLOWS[5], records[5].l3_len, table=(3,) * 128)
+    records[2] = dataclasses.replace(records[2], hash=records[2].hash ^ 1)
+    records[5] = dataclasses.replace(records[5], queue=3)
     tally = check_flows(records, reports, FIXED, FIXED).tally()
-    # The record with hash ^ 1 may keep its queue, the one on queue 3 keeps its hash.
+    # The one moved to queue 3 disagrees unless 3 was its queue already.
     assert tally["disagreed"] == 2 - (FLOWS[5]["hash"] % 128 % 4 == 3)
 
 
@@ -166,3 +166,20 @@ def test_change_spans_must_run_forward() -> None:
         timeline.change(15, 30, CONFIG)
     with pytest.raises(FlowJoinError, match="backwards"):
         ConfigTimeline(CONFIG).change(5, 4, CONFIG)
+
+
+def test_the_segments_of_a_gso_packet_share_its_one_report() -> None:
+    # The host's TCP hands the tap 4396 bytes of IPv4 (20 + 32 bytes of headers, three
+    # 1448-byte segments' worth): one report; the guest receives three 1500-byte frames.
+    f = FLOWS[0]
+    report = report_of(f, 4396)
+    segments = [dataclasses.replace(record_of(f, 1500), header_len=52) for _ in range(3)]
+    ack = report_of(f, 52)
+    ack_record = dataclasses.replace(record_of(f, 52), header_len=52)
+    result = join([*segments, ack_record], [report, ack])
+    assert [index for _, index in result.pairs] == [0, 0, 0, 1]
+    assert result.unmatched == []
+    # Two segments do not add up to the packet: nothing pairs with its report.
+    short = join(segments[:2], [report])
+    assert short.pairs == [] and short.unmatched_by_reason() == {
+        "NO_REPORT": 2, "NO_GUEST_RECORD": 1}

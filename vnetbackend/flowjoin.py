@@ -4,11 +4,13 @@ Crafted frames can be told apart by their length; ordinary traffic cannot (a TCP
 flow sends thousands of frames of one length, retransmissions repeat a frame). Here a
 frame is found by its identity as both sides read it from its headers: IP version,
 addresses, and for TCP/UDP the protocol and ports (the steering program's report
-counts them only then), plus its L3 length; a non-IP frame only by its length. Within
-one identity the guest's records (in the recorder's order) and the reports (in the
-ring's order) are paired first to first. Frames of one identity are interchangeable
-for the check, since the hash and queue depend on nothing else, except for the
-configuration in force, which the caller gives per report (`judge`).
+counts them only then); other IP frames also by L3 length, non-IP frames by length
+alone. Within one identity the guest's records (in the recorder's order) and the
+reports (in the ring's order) are walked together: a report pairs with a record of its
+length, or, when the host sent a GSO packet (the tap runs the steering program once,
+then segments), with the run of records whose payloads add up to its payload. Frames
+of one identity are interchangeable for the check, since the hash and queue depend on
+nothing else, except for the configuration in force, which the caller gives per report (`judge`).
 
 Whatever is left over is unmatched with a reason (`Reason`): a guest record with no
 report (the frame did not pass the steering program while it reported: reports off, the
@@ -38,8 +40,9 @@ from vnetbackend.steering.reports import Report
 ETH_HEADER_LEN = 14
 _PORTED = (6, 17)
 
-#: (ip version, src, dst, l4 proto, src port, dst port, length); length is the L3 length
-#: for IP frames and the frame length for the rest.
+#: (ip version, src, dst, l4 proto, src port, dst port, length); length is 0 for TCP and
+#: UDP (found by order and payload, see `join`), else the L3 length for IP frames and
+#: the frame length for the rest.
 FlowKey = tuple[int, bytes, bytes, int, int, int, int]
 
 
@@ -60,10 +63,10 @@ class Reason(enum.Enum):
 def report_key(report: Report) -> FlowKey:
     if report.ip_version == 0:
         return (0, b"", b"", 0, 0, 0, report.frame_len)
-    ported = report.l4_proto in _PORTED
-    return (report.ip_version, report.src, report.dst, report.l4_proto if ported else 0,
-            report.src_port if ported else 0, report.dst_port if ported else 0,
-            report.l3_len)
+    if report.l4_proto in _PORTED:
+        return (report.ip_version, report.src, report.dst, report.l4_proto,
+                report.src_port, report.dst_port, 0)
+    return (report.ip_version, report.src, report.dst, 0, 0, 0, report.l3_len)
 
 
 def record_key(record: GuestRecord) -> FlowKey:
@@ -71,10 +74,10 @@ def record_key(record: GuestRecord) -> FlowKey:
     for TCP and UDP outside fragments (the program's reading), non-IP by frame length."""
     if record.ip_version == 0:
         return (0, b"", b"", 0, 0, 0, record.l3_len + ETH_HEADER_LEN)
-    ported = record.l4_proto in _PORTED and not record.fragment
-    return (record.ip_version, record.src, record.dst, record.l4_proto if ported else 0,
-            record.src_port if ported else 0, record.dst_port if ported else 0,
-            record.l3_len)
+    if record.l4_proto in _PORTED and not record.fragment:
+        return (record.ip_version, record.src, record.dst, record.l4_proto,
+                record.src_port, record.dst_port, 0)
+    return (record.ip_version, record.src, record.dst, 0, 0, 0, record.l3_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,8 @@ class Unmatched:
 
 @dataclass
 class Join:
-    """Pairs of (guest record, index of its report) and what stayed unmatched."""
+    """Pairs of (guest record, index of its report) and what stayed unmatched. One
+    report may have several records: the segments of a GSO packet."""
 
     pairs: list[tuple[GuestRecord, int]] = field(default_factory=list)
     unmatched: list[Unmatched] = field(default_factory=list)
@@ -97,28 +101,86 @@ class Join:
         return Counter(u.reason.name for u in self.unmatched)
 
 
+def _segments(records: Sequence[GuestRecord], first: int, report: Report) -> int:
+    """How many records from *first* on are the segments of *report*'s packet: 1 if the
+    lengths are equal; for a longer (GSO) report, the run of records whose payloads add
+    up to the report's payload exactly (the headers, ``header_len``, repeat in every
+    segment); 0 if none fits."""
+    head = records[first]
+    if head.l3_len == report.l3_len:
+        return 1
+    if not head.header_len or head.l3_len > report.l3_len:
+        return 0
+    wanted = report.l3_len - head.header_len
+    total = 0
+    for count, record in enumerate(records[first:], start=1):
+        if record.header_len != head.header_len or record.l3_len > report.l3_len:
+            return 0
+        total += record.l3_len - record.header_len
+        if total >= wanted:
+            return count if total == wanted else 0
+    return 0
+
+
+#: How far the walk looks ahead for the next fit when a record and a report do not fit.
+LOOKAHEAD = 64
+
+
+def _first_fit(records: Sequence[GuestRecord], reports: Sequence[tuple[int, Report]],
+               i: int, j: int, step_records: bool) -> int:
+    """How many records (or reports) to pass over before the next fit; LOOKAHEAD + 1 if
+    none within LOOKAHEAD."""
+    for k in range(1, LOOKAHEAD + 1):
+        ri, rj = (i + k, j) if step_records else (i, j + k)
+        if ri >= len(records) or rj >= len(reports):
+            break
+        if _segments(records, ri, reports[rj][1]):
+            return k
+    return LOOKAHEAD + 1
+
+
+def _join_flow(records: Sequence[GuestRecord], reports: Sequence[tuple[int, Report]],
+               result: Join) -> None:
+    """Walk one flow's records and reports in order. Where the head record and report
+    do not fit, whichever of them stands before the nearer next fit is left unmatched (a
+    record without report: the program was detached for an RSS change, or reports were
+    off; a report without record: the guest did not get the frame, or its record was
+    lost); what is left at the end is unmatched too."""
+    i = j = 0
+    while i < len(records) and j < len(reports):
+        index, report = reports[j]
+        count = _segments(records, i, report)
+        if count == 0:
+            if (_first_fit(records, reports, i, j, step_records=False)
+                    < _first_fit(records, reports, i, j, step_records=True)):
+                result.unmatched.append(Unmatched(Reason.NO_GUEST_RECORD, report_index=index))
+                j += 1
+            else:
+                result.unmatched.append(Unmatched(Reason.NO_REPORT, record=records[i]))
+                i += 1
+            continue
+        result.pairs.extend((record, index) for record in records[i:i + count])
+        i, j = i + count, j + 1
+    reason = Reason.NO_REPORT if records and records[0].ip_version else Reason.NOT_IP_NO_REPORT
+    result.unmatched.extend(Unmatched(reason, record=r) for r in records[i:])
+    result.unmatched.extend(Unmatched(Reason.NO_GUEST_RECORD, report_index=index)
+                            for index, _ in reports[j:])
+
+
 def join(records: Sequence[GuestRecord], reports: Sequence[Report]) -> Join:
     """Pair *records* with *reports* by identity, in order within each identity."""
-    by_key: dict[FlowKey, list[int]] = defaultdict(list)
+    report_flows: dict[FlowKey, list[tuple[int, Report]]] = defaultdict(list)
     for index, report in enumerate(reports):
-        by_key[report_key(report)].append(index)
-    taken: dict[FlowKey, int] = defaultdict(int)
+        report_flows[report_key(report)].append((index, report))
+    record_flows: dict[FlowKey, list[GuestRecord]] = defaultdict(list)
     result = Join()
     for record in sorted(records, key=lambda r: r.seq):
         if record.short:
             result.unmatched.append(Unmatched(Reason.SHORT_HEADERS, record=record))
-            continue
-        key = record_key(record)
-        waiting = by_key.get(key, ())
-        if taken[key] < len(waiting):
-            result.pairs.append((record, waiting[taken[key]]))
-            taken[key] += 1
         else:
-            reason = Reason.NO_REPORT if record.ip_version else Reason.NOT_IP_NO_REPORT
-            result.unmatched.append(Unmatched(reason, record=record))
-    for key, indexes in by_key.items():
-        result.unmatched.extend(Unmatched(Reason.NO_GUEST_RECORD, report_index=index)
-                                for index in indexes[taken[key]:])
+            record_flows[record_key(record)].append(record)
+    for key in record_flows.keys() | report_flows.keys():
+        _join_flow(record_flows.get(key, []), report_flows.get(key, []), result)
     return result
 
 

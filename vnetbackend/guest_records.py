@@ -5,7 +5,7 @@ received frame on the virtio-serial port ``org.vnetbackend.records.0``::
 
     h vnet-recorder 1 <kernel release> <interface> <skb data offset>
     r <seq> <cpu> <queue_mapping> <hash> <l4> <ethertype> <l3 len> <ip version>
-      <l4 proto> <src port> <dst port> <src> <dst> <flags>
+      <l4 proto> <src port> <dst port> <src> <dst> <flags> <headers>
     l <cpu> <count>        the guest kernel's trace buffer dropped <count> frames (-1: unknown)
     p <seq>                the recorder finished a pass over every CPU's buffer
 
@@ -43,7 +43,7 @@ _KNOWN_FLAGS = FLAG_FRAGMENT | FLAG_EXT_HEADERS | FLAG_SHORT | FLAG_LATER_FRAGME
 _RECORD = re.compile(
     rb"r (\d{1,20}) (\d{1,4}) (\d{1,5}) ([0-9a-f]{8}) ([01]) ([0-9a-f]{4}) (\d{1,10}) "
     rb"([046]) (\d{1,3}) (\d{1,5}) (\d{1,5}) (-|[0-9a-f]{8}|[0-9a-f]{32}) "
-    rb"(-|[0-9a-f]{8}|[0-9a-f]{32}) ([0-9a-f]{1,2})")
+    rb"(-|[0-9a-f]{8}|[0-9a-f]{32}) ([0-9a-f]{1,2}) (\d{1,3})")
 _HEADER = re.compile(rb"h vnet-recorder (\d+) (\S{1,64}) (\S{1,16}) (\d{1,6})")
 _LOSS = re.compile(rb"l (\d{1,4}) (-1|\d{1,20})")
 _PASS = re.compile(rb"p (\d{1,20})")
@@ -67,7 +67,8 @@ class GuestRecord:
     recorded none. ``src``/``dst`` are the IP header's addresses (empty if not IP);
     ``l4_proto`` is the IP protocol (or the last IPv6 next header), ports are 0 unless the
     transport header was read. ``protocol`` is the ethertype after any VLAN tags' outer
-    one as the driver set ``skb->protocol``.
+    one as the driver set ``skb->protocol``. ``header_len`` is the bytes of IP and TCP/UDP
+    headers (0 where the transport header was not read): the payload is the rest.
     """
 
     seq: int
@@ -84,6 +85,7 @@ class GuestRecord:
     src: bytes
     dst: bytes
     flags: int
+    header_len: int = 0
 
     @property
     def fragment(self) -> bool:
@@ -101,7 +103,7 @@ def parse_record(line: bytes) -> GuestRecord:
     if match is None:
         raise RecordFormatError(line, "not a record line")
     (seq, cpu, mapping, value, l4, ethertype, l3_len, version, proto, sport, dport,
-     src, dst, flags) = match.groups()
+     src, dst, flags, headers) = match.groups()
     ip_version = int(version)
     width = _ADDRESS_WIDTH[ip_version]
     addresses = [b"" if a == b"-" else bytes.fromhex(a.decode()) for a in (src, dst)]
@@ -122,7 +124,8 @@ def parse_record(line: bytes) -> GuestRecord:
         hash=int(value, 16), l4_hash=l4 == b"1", protocol=int(ethertype, 16),
         l3_len=int(l3_len), ip_version=ip_version, l4_proto=numbers["l4 proto"],
         src_port=numbers["src port"], dst_port=numbers["dst port"],
-        src=addresses[0], dst=addresses[1], flags=numbers["flags"])
+        src=addresses[0], dst=addresses[1], flags=numbers["flags"],
+        header_len=int(headers))
 
 
 @dataclass
@@ -132,7 +135,8 @@ class RecordParser:
     ``lost`` counts frames the guest kernel's buffer dropped (its loss lines),
     ``lost_unknown`` loss lines without a count, ``seq_gaps`` records missing from the
     sequence (lines lost or garbled on the way), ``passes``/``last_pass_seq`` the
-    recorder's pass lines.
+    recorder's pass lines, ``passes_since_record`` those since the latest record (two
+    mean the recorder found every CPU's buffer empty after reading it).
     """
 
     records: int = 0
@@ -144,6 +148,7 @@ class RecordParser:
     seq_gaps: int = 0
     passes: int = 0
     last_pass_seq: int = -1
+    passes_since_record: int = 0
     header: tuple[str, str, int] | None = None
     _next_seq: int | None = None
     _partial: bytes = b""
@@ -182,6 +187,7 @@ class RecordParser:
                 return self._record(parse_record(line))
             if kind == b"p" and (match := _PASS.fullmatch(line)):
                 self.passes += 1
+                self.passes_since_record += 1
                 self.last_pass_seq = int(match[1])
                 return None
             if kind == b"l" and (match := _LOSS.fullmatch(line)):
@@ -208,6 +214,7 @@ class RecordParser:
             self.seq_gaps += abs(record.seq - self._next_seq)
         self._next_seq = record.seq + 1
         self.records += 1
+        self.passes_since_record = 0
         return record
 
     def summary(self) -> dict[str, object]:
