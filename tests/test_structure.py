@@ -45,6 +45,12 @@ FORBIDDEN = {
                                  "vnetbackend.testbed", "vnetbackend.bench",
                                  "vnetbackend.demo"),
     "vnetbackend.daemon": ("vnetbackend.testbed", "vnetbackend.bench", "vnetbackend.demo"),
+    "vnetbackend.guest_records": ("vnetbackend.steering", "vnetbackend.checker",
+                                  "vnetbackend.mirror", "vnetbackend.daemon",
+                                  "vnetbackend.testbed", "vnetbackend.bench",
+                                  "vnetbackend.demo"),
+    "vnetbackend.flowjoin": ("vnetbackend.mirror", "vnetbackend.daemon", "vnetbackend.testbed",
+                             "vnetbackend.bench", "vnetbackend.demo"),
 }
 
 

@@ -14,6 +14,8 @@ BENCHMARKS = {
                  "ns per frame in the steering program, beside an empty program"),
     "guest": ("vnetbackend.bench.guest",
               "the test guest's boot time and frames checked per second"),
+    "recorder": ("vnetbackend.bench.recorder",
+                 "records per second from the guest's recorder over its virtio-serial port"),
     "mirror": ("vnetbackend.bench.mirror",
                "latency from QEMU's RSS trace event to the program attached again"),
     "scale": ("vnetbackend.bench.scale",

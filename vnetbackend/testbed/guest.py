@@ -113,6 +113,8 @@ class GuestOptions:
     Booting with as many CPUs as queue pairs, and only lowering the count with
     ``ethtool -L``, keeps QEMU serving every queue the guest's table can name.
 
+    ``records_port`` gives the guest the virtio-serial port its recorder streams on.
+
     ``image`` None boots the test guest of the default kernel series and ``qemu`` None
     the default QEMU (`vnetbackend.testbed.image`, `vnetbackend.qemu.installs`: the
     environment can choose both); ``qemu`` may name a path or a version.
@@ -128,6 +130,7 @@ class GuestOptions:
     extra_args: tuple[str, ...] = ()
     image: GuestImage | None = None
     qemu: str | None = None
+    records_port: bool = True
 
 
 @dataclass(slots=True)
@@ -263,7 +266,8 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
             spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
                           run_dir=run_dir, append=append, rss=options.rss,
                           hash_report=options.hash_report, cpus=options.cpus or options.queues,
-                          extra_args=options.extra_args, binary=qemu.binary)
+                          extra_args=options.extra_args, binary=qemu.binary,
+                          records_port=options.records_port)
             vm = contextlib.AsyncExitStack()
             vm.callback(shutil.rmtree, run_dir, ignore_errors=True)
             try:

@@ -29,6 +29,8 @@ from vnetbackend.qemu.process import QEMU_BINARY, listen_unix, start_qemu, stop_
 
 #: The machine settings every test VM shares.
 MACHINE_CONFIG = Path(__file__).resolve().parents[2] / "qemu-configs" / "testvm.cfg"
+#: The name of the virtio-serial port the guest-side recorder streams on.
+RECORDS_PORT_NAME = "org.vnetbackend.records.0"
 #: The test guest's MAC address.
 GUEST_MAC = "52:54:00:56:4e:01"
 GUEST_MAC_BYTES = bytes.fromhex(GUEST_MAC.replace(":", ""))
@@ -48,6 +50,8 @@ class VmSpec:
 
     ``run_dir`` holds the VM's sockets and logs (see `VmPaths`); ``paused`` starts it
     with ``-S`` so that the caller can connect everything before the guest runs.
+    ``records_port`` adds a virtio-serial port named `RECORDS_PORT_NAME` on a unix socket
+    (``VmPaths.records_socket``) for the guest's recorder (``guest/vnet-recorder.c``).
     ``cpus`` overrides the machine config's CPU count. ``die_with_parent`` has the
     kernel kill QEMU when the process that started it dies, however it dies (QEMU
     runs in its own session, so it would not see the terminal's signals).
@@ -65,6 +69,7 @@ class VmSpec:
     cpus: int | None = None
     paused: bool = True
     agent_port: bool = True
+    records_port: bool = False
     machine_config: Path = MACHINE_CONFIG
     extra_args: tuple[str, ...] = ()
     extra_fds: tuple[int, ...] = ()
@@ -98,7 +103,8 @@ class VmSpec:
             raise LaunchError(f"run_dir: {self.run_dir} is not a directory")
         longest = max(len(os.fsencode(p)) for p in (self.paths.qmp_socket,
                                                     self.paths.control_socket,
-                                                    self.paths.agent_socket))
+                                                    self.paths.agent_socket,
+                                                    self.paths.records_socket))
         if longest >= UNIX_PATH_MAX:
             raise LaunchError(f"run_dir: {self.run_dir} is too long for unix socket paths "
                               f"(they must stay below {UNIX_PATH_MAX} bytes)")
@@ -112,6 +118,7 @@ class VmPaths:
     qmp_socket: Path = field(init=False)
     control_socket: Path = field(init=False)
     agent_socket: Path = field(init=False)
+    records_socket: Path = field(init=False)
     console_log: Path = field(init=False)
     qemu_log: Path = field(init=False)
 
@@ -120,6 +127,7 @@ class VmPaths:
         set_(self, "qmp_socket", self.run_dir / "qmp.sock")
         set_(self, "control_socket", self.run_dir / "control.sock")
         set_(self, "agent_socket", self.run_dir / "agent.sock")
+        set_(self, "records_socket", self.run_dir / "records.sock")
         set_(self, "console_log", self.run_dir / "console.log")
         set_(self, "qemu_log", self.run_dir / "qemu.log")
 
@@ -146,11 +154,21 @@ def guest_args(kernel: Path, initrd: Path, *, append: str, console_log: Path,
     return argv
 
 
+def records_port_args(records_fd: int) -> list[str]:
+    """A virtio-serial port named `RECORDS_PORT_NAME` on *records_fd* (a listening unix
+    socket): where the guest's recorder streams what its driver received."""
+    return [*socket_chardev_args("records", records_fd),
+            "-device", "virtio-serial-pci,id=vnet-serial0",
+            "-device", option("virtserialport", bus="vnet-serial0.0", chardev="records",
+                              name=RECORDS_PORT_NAME)]
+
+
 def qemu_command(spec: VmSpec, socket_fds: dict[str, int]) -> list[str]:
     """QEMU's argv for *spec*; *socket_fds* maps chardev ids to listening socket fds.
 
     Chardev ids: ``qmp`` (the monitor for users such as tests and the daemon),
-    ``control`` (the monitor of whoever runs the VM) and ``agent`` (ttyS1).
+    ``control`` (the monitor of whoever runs the VM), ``agent`` (ttyS1) and ``records``
+    (the recorder's virtio-serial port).
     """
     argv = [
         spec.binary,
@@ -162,6 +180,8 @@ def qemu_command(spec: VmSpec, socket_fds: dict[str, int]) -> list[str]:
         *net_device_args(spec.tap_fds, mac=spec.mac, rss=spec.rss,
                          hash_report=spec.hash_report, mq=spec.mq),
     ]
+    if "records" in socket_fds:
+        argv += records_port_args(socket_fds["records"])
     if spec.paused:
         argv.append("-S")
     argv += spec.extra_args
@@ -185,6 +205,8 @@ class QemuProcess:
         wanted = {"control": paths.control_socket, "qmp": paths.qmp_socket}
         if spec.agent_port:
             wanted["agent"] = paths.agent_socket
+        if spec.records_port:
+            wanted["records"] = paths.records_socket
         listeners: dict[str, socket.socket] = {}
         try:
             for name, path in wanted.items():
