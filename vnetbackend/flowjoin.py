@@ -1,53 +1,72 @@
-"""Joining the guest's records with the kernel's reports by flow, and judging each frame.
+"""Joining the guest's records with the kernel's reports by flow, as both stream in.
 
 Crafted frames can be told apart by their length; ordinary traffic cannot (a TCP bulk
 flow sends thousands of frames of one length, retransmissions repeat a frame). Here a
 frame is found by its identity as both sides read it from its headers: IP version,
 addresses, and for TCP/UDP the protocol and ports (the steering program's report
 counts them only then); other IP frames also by L3 length, non-IP frames by length
-alone. Within one identity the guest's records (in the recorder's order) and the
-reports (in the ring's order) are walked together: a report pairs with a record of its
-length, or, when the host sent a GSO packet (the tap runs the steering program once,
-then segments), with the run of records whose payloads add up to its payload. Frames
-of one identity are interchangeable for the check, since the hash and queue depend on
-nothing else, except for the configuration in force, which the caller gives per report (`judge`).
+alone. Frames of one identity are interchangeable for the check: their hash and queue
+depend on nothing else but the configuration in force.
 
-Whatever is left over is unmatched with a reason (`Reason`): a guest record with no
-report (the frame did not pass the steering program while it reported: reports off, the
-program detached for an RSS change, or a frame the guest made up), a report with no
-guest record (the guest did not receive it, or its recorder lost the record), a guest
-record whose headers the guest could not read.
+The order `FlowJoin` relies on: **a frame's report is added before its record**. The
+program writes a frame's report before tun queues the frame for QEMU, so a caller that
+reads the report rings after a record arrived and adds what it read first meets it. A
+record therefore pairs with a pending report of its identity and length (the oldest
+one; or, when the host sent a GSO packet — the tap runs the steering program once, then
+segments — the segments' payloads are counted off the one report's) or has none:
+`Reason.NO_REPORT`, or, while reports are sampled (one frame in ``every``),
+``not-sampled``, which is no frame of the check. A pending report waits for its record
+until `FlowJoin.horizon` later reports were added (frames still on their way to the
+guest), then ends unmatched: `Reason.INACTIVE_QUEUE` when every configuration that may
+have been in force sends it to a queue the device does not serve (QEMU keeps such a
+frame from the guest), else `Reason.NO_GUEST_RECORD`.
+
+Each pair is judged on the guest's side (the kernel's side of every report is
+`vnetbackend.kernel_check`'s): the guest's queue, hash and L4 flag against what the guest
+should see (`vnetbackend.checker.expectation`, QEMU's documented departures included)
+under the configurations QEMU may have used, which the caller names per report
+(`ConfigsSince`): the one that steered the frame in the kernel or one the guest set
+after it, since QEMU takes a frame from the tap after the program steered it.
 
 No I/O here: the inputs are `vnetbackend.guest_records.GuestRecord` and
-`vnetbackend.steering.reports.Report` lists.
+`vnetbackend.steering.reports.Report` objects.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
+import ipaddress
+import itertools
 import struct
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vnetbackend.checker import Outcome, expectation
-from vnetbackend.errors import VnetError
 from vnetbackend.guest_records import GuestRecord
-from vnetbackend.qemu.departures import Kind
+from vnetbackend.qemu.departures import DEPARTURES, Departure, Kind
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import Report
 
 ETH_HEADER_LEN = 14
 _PORTED = (6, 17)
+#: Flows tallied one by one; frames of later flows are counted in ``flows-overflow``.
+MAX_FLOWS = 256
+#: How many later reports a report waits for its guest record (see the module).
+HORIZON = 16384
+#: How many of a flow's pending reports a record is tried against (a guest's records
+#: cannot make the join scan a long backlog per record).
+LOOKAHEAD = 256
 
 #: (ip version, src, dst, l4 proto, src port, dst port, length); length is 0 for TCP and
-#: UDP (found by order and payload, see `join`), else the L3 length for IP frames and
-#: the frame length for the rest.
+#: UDP (found by order and payload), else the L3 length for IP frames and the frame
+#: length for the rest.
 FlowKey = tuple[int, bytes, bytes, int, int, int, int]
-
-
-class FlowJoinError(VnetError, ValueError):
-    """The inputs of a check do not fit together (field and value in the message)."""
+#: The configurations QEMU may have used for a frame the program steered under a
+#: generation: that generation's and every later one's (None where RSS was off).
+ConfigsSince = Callable[[int], Sequence[RssConfig | None]]
 
 
 class Reason(enum.Enum):
@@ -57,7 +76,9 @@ class Reason(enum.Enum):
     NOT_IP_NO_REPORT = "not IP (no flow identity) and no report of its length"
     SHORT_HEADERS = "the guest could not read the frame's headers"
     NO_GUEST_RECORD = "report with no guest record (not received, or the record was lost)"
+    INACTIVE_QUEUE = "report of a frame sent to a queue the device does not serve"
     EXT_HEADERS = "IPv6 extension headers: the identity does not carry what the hash needs"
+    RSS_OFF = "no RSS configuration was in force for the frame"
 
 
 def report_key(report: Report) -> FlowKey:
@@ -80,108 +101,30 @@ def record_key(record: GuestRecord) -> FlowKey:
     return (record.ip_version, record.src, record.dst, 0, 0, 0, record.l3_len)
 
 
-@dataclass(frozen=True, slots=True)
-class Unmatched:
-    """A guest record or a report (by its index) that found no partner, and why."""
-
-    reason: Reason
-    record: GuestRecord | None = None
-    report_index: int | None = None
-
-
-@dataclass
-class Join:
-    """Pairs of (guest record, index of its report) and what stayed unmatched. One
-    report may have several records: the segments of a GSO packet."""
-
-    pairs: list[tuple[GuestRecord, int]] = field(default_factory=list)
-    unmatched: list[Unmatched] = field(default_factory=list)
-
-    def unmatched_by_reason(self) -> Counter[str]:
-        return Counter(u.reason.name for u in self.unmatched)
+def flow_name(key: FlowKey) -> str:
+    """A flow as text, e.g. ``tcp 10.0.0.1:80 > 10.0.0.2:1234``, ``ipv6 fd00::1 > fd00::2
+    len 104``, ``non_ip len 60``."""
+    version, src, dst, proto, src_port, dst_port, length = key
+    if version == 0:
+        return f"non_ip len {length}"
+    source, dest = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if proto in _PORTED:
+        name = "tcp" if proto == 6 else "udp"
+        if version == 6:
+            return f"{name} [{source}]:{src_port} > [{dest}]:{dst_port}"
+        return f"{name} {source}:{src_port} > {dest}:{dst_port}"
+    return f"ipv{version} {source} > {dest} len {length}"
 
 
-def _segments(records: Sequence[GuestRecord], first: int, report: Report) -> int:
-    """How many records from *first* on are the segments of *report*'s packet: 1 if the
-    lengths are equal; for a longer (GSO) report, the run of records whose payloads add
-    up to the report's payload exactly (the headers, ``header_len``, repeat in every
-    segment); 0 if none fits."""
-    head = records[first]
-    if head.l3_len == report.l3_len:
-        return 1
-    if not head.header_len or head.l3_len > report.l3_len:
-        return 0
-    wanted = report.l3_len - head.header_len
-    total = 0
-    for count, record in enumerate(records[first:], start=1):
-        if record.header_len != head.header_len or record.l3_len > report.l3_len:
-            return 0
-        total += record.l3_len - record.header_len
-        if total >= wanted:
-            return count if total == wanted else 0
-    return 0
-
-
-#: How far the walk looks ahead for the next fit when a record and a report do not fit.
-LOOKAHEAD = 64
-
-
-def _first_fit(records: Sequence[GuestRecord], reports: Sequence[tuple[int, Report]],
-               i: int, j: int, step_records: bool) -> int:
-    """How many records (or reports) to pass over before the next fit; LOOKAHEAD + 1 if
-    none within LOOKAHEAD."""
-    for k in range(1, LOOKAHEAD + 1):
-        ri, rj = (i + k, j) if step_records else (i, j + k)
-        if ri >= len(records) or rj >= len(reports):
-            break
-        if _segments(records, ri, reports[rj][1]):
-            return k
-    return LOOKAHEAD + 1
-
-
-def _join_flow(records: Sequence[GuestRecord], reports: Sequence[tuple[int, Report]],
-               result: Join) -> None:
-    """Walk one flow's records and reports in order. Where the head record and report
-    do not fit, whichever of them stands before the nearer next fit is left unmatched (a
-    record without report: the program was detached for an RSS change, or reports were
-    off; a report without record: the guest did not get the frame, or its record was
-    lost); what is left at the end is unmatched too."""
-    i = j = 0
-    while i < len(records) and j < len(reports):
-        index, report = reports[j]
-        count = _segments(records, i, report)
-        if count == 0:
-            if (_first_fit(records, reports, i, j, step_records=False)
-                    < _first_fit(records, reports, i, j, step_records=True)):
-                result.unmatched.append(Unmatched(Reason.NO_GUEST_RECORD, report_index=index))
-                j += 1
-            else:
-                result.unmatched.append(Unmatched(Reason.NO_REPORT, record=records[i]))
-                i += 1
-            continue
-        result.pairs.extend((record, index) for record in records[i:i + count])
-        i, j = i + count, j + 1
-    reason = Reason.NO_REPORT if records and records[0].ip_version else Reason.NOT_IP_NO_REPORT
-    result.unmatched.extend(Unmatched(reason, record=r) for r in records[i:])
-    result.unmatched.extend(Unmatched(Reason.NO_GUEST_RECORD, report_index=index)
-                            for index, _ in reports[j:])
-
-
-def join(records: Sequence[GuestRecord], reports: Sequence[Report]) -> Join:
-    """Pair *records* with *reports* by identity, in order within each identity."""
-    report_flows: dict[FlowKey, list[tuple[int, Report]]] = defaultdict(list)
-    for index, report in enumerate(reports):
-        report_flows[report_key(report)].append((index, report))
-    record_flows: dict[FlowKey, list[GuestRecord]] = defaultdict(list)
-    result = Join()
-    for record in sorted(records, key=lambda r: r.seq):
-        if record.short:
-            result.unmatched.append(Unmatched(Reason.SHORT_HEADERS, record=record))
-        else:
-            record_flows[record_key(record)].append(record)
-    for key in record_flows.keys() | report_flows.keys():
-        _join_flow(record_flows.get(key, []), report_flows.get(key, []), result)
-    return result
+def frame_class(report: Report) -> str:
+    """``ipv4_tcp``, ``ipv6_udp``, ``ipv4_other`` (IP with no transport header that
+    counts), ``ipv6_ext_tcp``, ``ipv4_fragment``, ``non_ip``..."""
+    if report.ip_version == 0:
+        return "non_ip"
+    name = f"ipv{report.ip_version}" + ("_ext" if report.has_ext_headers else "")
+    if report.fragment:
+        return name + "_fragment"
+    return name + {6: "_tcp", 17: "_udp"}.get(report.l4_proto, "_other")
 
 
 def identity_frame(report: Report, ethertype: int) -> bytes:
@@ -208,43 +151,10 @@ def identity_frame(report: Report, ethertype: int) -> bytes:
     return eth + struct.pack("!H", ethertype) + bytes(28)
 
 
-class ConfigTimeline:
-    """Which configurations may have been in force at each position of a stream (report
-    index, or guest record sequence number).
-
-    Starts with one configuration; each `change` names the span ``[start, end)`` in which
-    the old one or the new one may have applied (frames in flight while the change went
-    through) and after which the new one alone did.
-    """
-
-    def __init__(self, initial: RssConfig) -> None:
-        self._changes: list[tuple[int, int, RssConfig]] = []
-        self._initial = initial
-
-    def change(self, start: int, end: int, config: RssConfig) -> None:
-        if end < start or (self._changes and start < self._changes[-1][1]):
-            raise FlowJoinError(f"change span [{start}, {end}) overlaps or runs backwards")
-        self._changes.append((start, end, config))
-
-    @property
-    def changes(self) -> int:
-        return len(self._changes)
-
-    def at(self, position: int) -> tuple[RssConfig, ...]:
-        current = self._initial
-        for start, end, config in self._changes:
-            if position < start:
-                break
-            if position < end:
-                return (current, config)
-            current = config
-        return (current,)
-
-
 @dataclass(frozen=True, slots=True)
 class FlowVerdict:
-    """One joined frame's outcome; ``configs`` is how many configurations could have
-    been in force for either side (more than one only for frames in flight across an RSS
+    """One joined frame's outcome on the guest's side; ``configs`` is how many
+    configurations QEMU may have used (more than one for frames in flight across an RSS
     change)."""
 
     record: GuestRecord
@@ -254,69 +164,236 @@ class FlowVerdict:
     configs: int
 
 
-def judge(record: GuestRecord, report: Report, kernel_configs: Sequence[RssConfig],
-          guest_configs: Sequence[RssConfig]) -> FlowVerdict:
-    """The kernel's report against the model under any of *kernel_configs*, and the
-    guest's record against what the guest should see
-    (`vnetbackend.checker.expectation`, departures included) under any of
-    *guest_configs*: one configuration each, or the old and the new across a change."""
-    if not kernel_configs or not guest_configs:
-        raise FlowJoinError("configs: empty (judge needs at least one configuration)")
-    spread = max(len(kernel_configs), len(guest_configs))
+def judge_guest(record: GuestRecord, report: Report, configs: Sequence[RssConfig | None],
+                departures: Sequence[Departure] = DEPARTURES) -> FlowVerdict:
+    """The guest's *record* against what the guest should see for *report*'s frame under
+    any of *configs*: agreed (or a departure, or spec-open) if one of them explains it."""
+    enabled = [config for config in configs if config is not None]
     if report.has_ext_headers:
-        return FlowVerdict(record, report, Outcome.UNMATCHED, Reason.EXT_HEADERS.value, spread)
+        return FlowVerdict(record, report, Outcome.UNMATCHED, Reason.EXT_HEADERS.name,
+                           len(configs))
+    if not enabled:
+        return FlowVerdict(record, report, Outcome.UNMATCHED, Reason.RSS_OFF.name,
+                           len(configs))
     frame = identity_frame(report, record.protocol)
-    kernel_ok = any((report.hash, report.report, report.queue) == config.steer(frame)[:3]
-                    for config in kernel_configs)
-    guest_ok = False
-    departure_kind: Kind | None = None
-    for config in guest_configs:
-        expected = expectation(config, frame)
-        if (record.queue, record.hash, record.l4_hash) == (
-                expected.queue, expected.hash, expected.l4_hash):
-            guest_ok = True
+    seen = (record.queue, record.hash, record.l4_hash)
+    for config in enabled:
+        expected = expectation(config, frame, departures)
+        if seen != (expected.queue, expected.hash, expected.l4_hash):
+            continue
+        outcome = Outcome.AGREED
+        if expected.departure is not None:
             model = config.steer(frame)
-            if expected.departure is not None and (
-                    expected.queue, expected.hash, expected.l4_hash) != (
-                    model.queue, model.hash, model.report.is_l4):
-                departure_kind = expected.departure.kind
-    reasons = []
-    if not kernel_ok:
-        reasons.append("kernel differs from the specification")
-    if not guest_ok:
-        reasons.append("guest differs from the specification")
-    if reasons:
-        return FlowVerdict(record, report, Outcome.DISAGREED, "; ".join(reasons), spread)
-    outcome = Outcome.AGREED
-    if departure_kind is not None:
-        outcome = Outcome.DEPARTURE if departure_kind is Kind.DEPARTS else Outcome.SPEC_OPEN
-    return FlowVerdict(record, report, outcome, "", spread)
+            if (model.queue, model.hash, model.report.is_l4) != seen:
+                outcome = (Outcome.DEPARTURE if expected.departure.kind is Kind.DEPARTS
+                           else Outcome.SPEC_OPEN)
+        return FlowVerdict(record, report, outcome, "", len(configs))
+    return FlowVerdict(record, report, Outcome.DISAGREED,
+                       "guest differs from the specification", len(configs))
+
+
+def _queue_inactive(report: Report, configs: Sequence[RssConfig | None],
+                    active_pairs: int | None) -> bool:
+    """Whether every configuration in *configs* sends *report*'s frame to a queue at or
+    beyond *active_pairs* (unknown pairs: no)."""
+    enabled = [config for config in configs if config is not None]
+    if active_pairs is None or not enabled or report.has_ext_headers:
+        return False
+    frame = identity_frame(report, 0x0800)
+    return all(config.steer(frame).queue >= active_pairs for config in enabled)
 
 
 @dataclass
-class FlowCheck:
-    """Every frame of a run: joined and judged, or unmatched with its reason."""
+class _Pending:
+    """A report waiting for its guest record(s); ``payload_left`` counts down a GSO
+    packet's payload as its segments arrive (None until the first one)."""
 
-    verdicts: list[FlowVerdict]
-    unmatched: list[Unmatched]
-
-    def tally(self) -> dict[str, object]:
-        outcomes = Counter(v.outcome.value for v in self.verdicts)
-        outcomes[Outcome.UNMATCHED.value] += len(self.unmatched)
-        return {"frames": len(self.verdicts) + len(self.unmatched),
-                **{o.value: outcomes[o.value] for o in Outcome},
-                "across-changes": sum(v.configs > 1 for v in self.verdicts),
-                "unmatched-reasons": dict(Counter(
-                    [u.reason.name for u in self.unmatched]
-                    + [Reason.EXT_HEADERS.name for v in self.verdicts
-                       if v.outcome is Outcome.UNMATCHED]))}
+    report: Report
+    number: int
+    payload_left: int | None = None
+    paired: bool = False
 
 
-def check_flows(records: Sequence[GuestRecord], reports: Sequence[Report],
-                kernel: ConfigTimeline, guest: ConfigTimeline) -> FlowCheck:
-    """Join *records* with *reports* and judge each pair: the report by *kernel* at its
-    index in *reports*, the record by *guest* at its sequence number."""
-    joined = join(records, reports)
-    verdicts = [judge(record, reports[index], kernel.at(index), guest.at(record.seq))
-                for record, index in joined.pairs]
-    return FlowCheck(verdicts, joined.unmatched)
+@dataclass
+class FlowTally:
+    frames: int = 0
+    agreed: int = 0
+    disagreed: int = 0
+    departures: int = 0
+    spec_open: int = 0
+    unmatched: int = 0
+
+    def count(self, outcome: Outcome) -> None:
+        self.frames += 1
+        name = {Outcome.DEPARTURE: "departures"}.get(outcome, outcome.value)
+        setattr(self, name, getattr(self, name) + 1)
+
+
+@dataclass
+class FlowJoin:
+    """The streaming join and its tallies (per frame class, per flow, per reason).
+
+    *configs_since* names the configurations for a report's generation (see the module);
+    *active_pairs* the queues the device serves now (None: unknown); *sampled* says
+    reports cover one frame in several, so a record without report is not a frame of the
+    check; *on_verdict* sees every joined frame's verdict (e.g. to publish
+    disagreements).
+    """
+
+    configs_since: ConfigsSince
+    departures: Sequence[Departure] = DEPARTURES
+    active_pairs: Callable[[], int | None] = lambda: None
+    sampled: bool = False
+    horizon: int = HORIZON
+    on_verdict: Callable[[FlowVerdict], None] | None = None
+    totals: FlowTally = field(default_factory=FlowTally)
+    classes: dict[str, FlowTally] = field(default_factory=dict)
+    flows: dict[FlowKey, FlowTally] = field(default_factory=dict)
+    flows_overflow: int = 0
+    unmatched_reasons: Counter[str] = field(default_factory=Counter)
+    not_sampled: int = 0
+    across_changes: int = 0
+    _pending: dict[FlowKey, collections.deque[_Pending]] = field(default_factory=dict)
+    _order: collections.deque[tuple[FlowKey, _Pending]] = field(
+        default_factory=collections.deque)
+    _reports_added: int = 0
+
+    def add_reports(self, reports: Iterable[Report]) -> None:
+        """Reports as read from the rings, in order; those older than the horizon that
+        found no record end unmatched."""
+        for report in reports:
+            entry = _Pending(report, self._reports_added)
+            self._reports_added += 1
+            key = report_key(report)
+            self._pending.setdefault(key, collections.deque()).append(entry)
+            self._order.append((key, entry))
+        self._expire(self._reports_added - self.horizon)
+
+    def add_records(self, records: Iterable[GuestRecord]) -> list[FlowVerdict]:
+        """Join and judge *records* (in the recorder's order); every report of their
+        frames must have been added already. Returns the verdicts of the joined ones."""
+        verdicts = []
+        for record in records:
+            if record.short:
+                self._unmatched(Reason.SHORT_HEADERS, None, record_key(record), record)
+                continue
+            key = record_key(record)
+            report = self._take(key, record)
+            if report is None:
+                if self.sampled:
+                    self.not_sampled += 1
+                else:
+                    reason = Reason.NO_REPORT if record.ip_version else Reason.NOT_IP_NO_REPORT
+                    self._unmatched(reason, None, key, record)
+                continue
+            configs = self.configs_since(report.generation)
+            verdict = judge_guest(record, report, configs, self.departures)
+            self.across_changes += len(configs) > 1
+            if verdict.outcome is Outcome.UNMATCHED:
+                self._unmatched(Reason[verdict.reason], report, key, record)
+            else:
+                self._count(report, key, verdict.outcome)
+            verdicts.append(verdict)
+            if self.on_verdict is not None:
+                self.on_verdict(verdict)
+        return verdicts
+
+    def finish(self) -> None:
+        """End the check: every report still waiting for its record is unmatched."""
+        self._expire(self._reports_added)
+
+    def _take(self, key: FlowKey, record: GuestRecord) -> Report | None:
+        """The pending report *record* is (a segment of), in the flow's order."""
+        waiting = self._pending.get(key)
+        if not waiting:
+            return None
+        for entry in itertools.islice(waiting, LOOKAHEAD):
+            if entry.paired:
+                continue
+            if _fits(entry, record):
+                if entry.payload_left in (None, 0):
+                    entry.paired = True
+                while waiting and waiting[0].paired:
+                    waiting.popleft()
+                if not waiting:
+                    del self._pending[key]
+                return entry.report
+        return None
+
+    def _expire(self, before: int) -> None:
+        while self._order and self._order[0][1].number < before:
+            key, entry = self._order.popleft()
+            if entry.paired:
+                continue
+            entry.paired = True
+            if entry.payload_left is None:  # a segmented one already counted its records
+                configs = self.configs_since(entry.report.generation)
+                inactive = _queue_inactive(entry.report, configs, self.active_pairs())
+                self._unmatched(Reason.INACTIVE_QUEUE if inactive else Reason.NO_GUEST_RECORD,
+                                entry.report, key, None)
+            waiting = self._pending.get(key)
+            while waiting and waiting[0].paired:
+                waiting.popleft()
+            if waiting is not None and not waiting:
+                del self._pending[key]
+
+    def _unmatched(self, reason: Reason, report: Report | None, key: FlowKey,
+                   record: GuestRecord | None) -> None:
+        self.unmatched_reasons[reason.name] += 1
+        name = frame_class(report) if report is not None else _record_class(record)
+        self._count_in(name, key, Outcome.UNMATCHED)
+
+    def _count(self, report: Report, key: FlowKey, outcome: Outcome) -> None:
+        self._count_in(frame_class(report), key, outcome)
+
+    def _count_in(self, class_name: str, key: FlowKey, outcome: Outcome) -> None:
+        self.totals.count(outcome)
+        self.classes.setdefault(class_name, FlowTally()).count(outcome)
+        tally = self.flows.get(key)
+        if tally is None:
+            if len(self.flows) >= MAX_FLOWS:
+                self.flows_overflow += 1
+                return
+            tally = self.flows[key] = FlowTally()
+        tally.count(outcome)
+
+    @property
+    def pending(self) -> int:
+        """Reports waiting for their guest records."""
+        return sum(not entry.paired for _, entry in self._order)
+
+    def summary(self) -> dict[str, Any]:
+        return {**vars(self.totals),
+                "flows": len(self.flows) + (1 if self.flows_overflow else 0),
+                "unmatched-reasons": dict(self.unmatched_reasons),
+                "not-sampled": self.not_sampled, "across-changes": self.across_changes,
+                "pending-reports": self.pending,
+                "classes": {name: vars(t) for name, t in sorted(self.classes.items())},
+                "per-flow": {flow_name(key): vars(t) for key, t in self.flows.items()},
+                "flows-overflow": self.flows_overflow}
+
+
+def _record_class(record: GuestRecord | None) -> str:
+    if record is None or record.ip_version == 0:
+        return "non_ip"
+    if record.fragment:
+        return f"ipv{record.ip_version}_fragment"
+    return f"ipv{record.ip_version}" + {6: "_tcp", 17: "_udp"}.get(record.l4_proto, "_other")
+
+
+def _fits(entry: _Pending, record: GuestRecord) -> bool:
+    """Whether *record* is *entry*'s frame, or the next segment of its GSO packet (the
+    headers, ``header_len``, repeat in every segment; the payloads add up to the
+    report's); counts a segment's payload off."""
+    report = entry.report
+    if entry.payload_left is None and record.l3_len == report.l3_len:
+        return True
+    if not record.header_len or record.l3_len >= report.l3_len:
+        return False
+    payload = record.l3_len - record.header_len
+    left = (report.l3_len - record.header_len if entry.payload_left is None
+            else entry.payload_left)
+    if payload > left:
+        return False
+    entry.payload_left = left - payload
+    return True

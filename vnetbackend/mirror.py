@@ -105,8 +105,21 @@ class Mirror:
         self.status = MirrorStatus()
 
     def qemu_detached(self) -> None:
-        """QEMU committed a guest RSS command, and with it detached the program."""
+        """QEMU committed a guest RSS command, and with it detached the program: attach
+        it again at once with the configuration its maps hold, until the sync brings the
+        device's. Frames in between keep their reports (under that configuration's
+        generation) instead of going unreported and steered by tun's own choice; the
+        guest's side is judged under that configuration or a later one anyway, since
+        QEMU steers by what it holds when it takes a frame from the tap."""
         self.status.attached = False
+        if self.status.rss is None:
+            return
+        try:
+            self._program.attach(self._control_fd)
+        except OSError as err:
+            self.note_failure("steering", err)
+            return
+        self.status.attached = True
 
     async def sync(self, cause: RssTraceEvent | None = None) -> bool:
         """Bring the program in line with the device now; *cause* dates the change.

@@ -39,6 +39,7 @@ import numpy as np
 from qemu.qmp import QMPClient, Runstate
 
 from vnetbackend.checker import HashChecker
+from vnetbackend.daemon.live_check import Hooks, LiveCheck
 from vnetbackend.kernel_check import KernelCheck
 from vnetbackend.link_watch import RemovalWatch
 from vnetbackend.mirror import Mirror
@@ -47,6 +48,7 @@ from vnetbackend.qemu.device import DeviceStateReader, NetDevice
 from vnetbackend.qemu.features import WANTED_FEATURES, VirtioFeatures, query_features
 from vnetbackend.qemu.follower import RssTraceEvent, TraceFollower, control_queue_commits
 from vnetbackend.qemu.qmp import QemuCallFailed
+from vnetbackend.rss import RssConfig
 from vnetbackend.steering.program import SteeringProgram
 
 log = logging.getLogger("vnetbackend.daemon")
@@ -96,6 +98,9 @@ class Daemon:
     kernel_check: KernelCheck = field(init=False)
     #: Report records read from the program's rings (and judged) since the start.
     reports_read: int = 0
+    #: The guest's side of the check (`vnet-check-start` with a records port), the last
+    #: one until another starts.
+    live: LiveCheck | None = None
     ending: Ending | None = None
     ending_reason: str = ""
     negotiated: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,6 +111,8 @@ class Daemon:
     _owed: asyncio.Event = field(default_factory=asyncio.Event)
     _owed_cause: RssTraceEvent | None = None
     _owed_newest: float = float("-inf")
+    #: Set while no sync is owed and the last one succeeded.
+    _in_sync: asyncio.Event = field(default_factory=asyncio.Event)
     #: Wall-clock time before which QEMU's trace lines are covered by a snapshot taken.
     _covered_until: float = float("-inf")
 
@@ -159,6 +166,8 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*watchers, *workers, return_exceptions=True)
             removal.close()
+            if self.live is not None:
+                self.live.close()
             self._detach()
         log.log(logging.INFO if self.ending is Ending.REQUESTED else logging.ERROR,
                 "stopping: %s", self.ending_reason)
@@ -179,6 +188,34 @@ class Daemon:
     def _judge_reports(self, batch: np.ndarray) -> None:
         self.reports_read += len(batch)
         self.kernel_check.judge(batch)
+        if self.live is not None and not self.live.stopped:
+            self.live.add_reports(batch)
+
+    async def start_live_check(self, records_port: Path, every: int) -> LiveCheck:
+        """Join the guest's records from the unix socket *records_port* with the reports
+        (one frame in *every*); `OSError`/`TimeoutError` if the port cannot be reached."""
+        check = LiveCheck(records_port, Hooks(
+            read_reports=self._read_reports_now,
+            in_sync=self._in_sync.wait, configs_since=self._configs_since,
+            active_pairs=lambda: self.mirror.status.active_queue_pairs,
+            rss_changes=lambda: self.mirror.status.changes, publish=self.publish),
+            self.checker.departures, sampled=every > 1)
+        await check.start()
+        self.live = check
+        return check
+
+    def _read_reports_now(self) -> None:
+        self.program.reports().take_batch()  # through `_judge_reports`
+
+    def _configs_since(self, generation: int) -> list[RssConfig | None]:
+        """The configurations of *generation* and every later one still kept (None where
+        RSS was off)."""
+        found = []
+        for number in range(generation, self.program.generation + 1):
+            kept = self.program.generation_of(number)
+            if kept is not None:
+                found.append(kept.state.config if kept.state.enabled else None)
+        return found
 
     async def _read_reports(self) -> None:
         """Read the report rings whenever the program's bell rings (a report landed in a
@@ -228,16 +265,18 @@ class Daemon:
                 await retry.wait()
 
     def _notice(self, event: RssTraceEvent | None) -> None:
-        """A guest command was committed: QEMU has detached the program and a sync is
-        owed, unless a snapshot taken after QEMU wrote *event* covers it."""
+        """A guest command was committed: QEMU has detached the program (the mirror
+        attaches it again at once, maps as they are) and a sync is owed, unless a
+        snapshot taken after QEMU wrote *event* covers it."""
+        self.mirror.qemu_detached()
         if event is not None and event.at is not None and event.at <= self._covered_until:
             return
-        self.mirror.qemu_detached()
         self._owe_sync(event)
 
     def _owe_sync(self, cause: RssTraceEvent | None) -> None:
         """Have the device read again (the first cause dates the change)."""
         at = cause.at if cause is not None and cause.at is not None else float("inf")
+        self._in_sync.clear()
         if not self._owed.is_set():
             self._owed_cause, self._owed_newest = cause, at
             self._owed.set()
@@ -260,6 +299,8 @@ class Daemon:
             # A control command means the driver is up: have its features current too.
             if synced and await self._read_features():
                 retry.reset()
+                if not self._owed.is_set():
+                    self._in_sync.set()
                 continue
             await retry.wait()
             self._owe_sync(cause)

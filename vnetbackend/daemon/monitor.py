@@ -12,10 +12,16 @@ that add, remove and list VMs.
                    one frame in ``every``
 ``query-vnet-check``  the three-way hash check's totals and per-class tallies, and the
                    live kernel check's (``kernel``)
-``vnet-check-start``  ``{every?: int, reset?: bool}``: reports on (one frame in
-                   ``every``, default 1), every one judged against the model;
-                   the kernel tallies start again unless ``reset`` is false
-``vnet-check-stop``   reports off, once the rings are read; returns the kernel tallies
+``vnet-check-start``  ``{every?: int, reset?: bool, records?: str}``: reports on (one
+                   frame in ``every``, default 1), every one judged against the
+                   model; the kernel tallies start again unless ``reset`` is
+                   false. With ``records`` (the unix socket of the VM's
+                   ``org.vnetbackend.records.0`` port) the guest's records are
+                   joined with the reports too (``live``)
+``vnet-check-stop``   ``{settle?: int}``: waits up to ``settle`` seconds (default 10)
+                   for the guest's recorder to have nothing more, then reports
+                   off, once the rings are read; returns the kernel tallies and
+                   the ``live`` ones
 ``quit``           shut the daemon down cleanly (every VM it serves)
 =================  ==========================================================
 
@@ -23,16 +29,19 @@ Every event carries the VM's id as ``vm``. Events: ``VNET_NEGOTIATED``,
 ``VNET_DRIVER_RESET``, ``VNET_RSS_CHANGED``,
 ``VNET_STEERING_ATTACHED``, ``VNET_RSS_REFUSED``, ``VNET_GUEST_RSS_REJECTED``,
 ``VNET_SYNC_FAILED``, ``VNET_SYNC_RECOVERED``, ``VNET_HASH_MISMATCH``,
-``VNET_QUEUES_DIVERGED``, ``VNET_SHUTDOWN``.
+``VNET_QUEUES_DIVERGED``, ``VNET_RECORDER_STARTED`` (the guest's recorder greeted on the
+records port), ``VNET_SHUTDOWN``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vnetbackend import __version__
 from vnetbackend.daemon.lifecycle import Daemon
+from vnetbackend.daemon.live_check import SETTLE_S
 from vnetbackend.daemon.qmp_server import Param, QmpCommandError, QmpServer, VersionInfo
 from vnetbackend.rss import rss_view
 from vnetbackend.steering.program import SteeringError
@@ -128,21 +137,34 @@ def register_commands(server: QmpServer, daemons: DaemonLookup,
 
     async def query_check(args: dict[str, Any]) -> dict[str, Any]:
         daemon = daemons(args.get("id"))
-        return {**daemon.checker.summary(), "kernel": kernel_view(daemon)}
+        return {**daemon.checker.summary(), "kernel": kernel_view(daemon),
+                "live": daemon.live.summary() if daemon.live else None}
 
     async def check_start(args: dict[str, Any]) -> dict[str, Any]:
         daemon = daemons(args.get("id"))
         every = args.get("every", 1)
+        if daemon.live is not None and not daemon.live.stopped:
+            raise QmpCommandError("a check with a records port is running: "
+                                  "vnet-check-stop it first")
         daemon.set_reports(every)  # what the rings held is judged before the reset
         if args.get("reset", True):
             daemon.kernel_check.reset()
+        if "records" in args:
+            try:
+                await daemon.start_live_check(Path(args["records"]), every)
+            except (OSError, TimeoutError) as err:
+                daemon.set_reports(0)
+                raise QmpCommandError(f"argument 'records': cannot read the records port "
+                                      f"{args['records']}: {err or 'timed out'}") from None
         return {"report-every": every, "generation": daemon.program.generation}
 
     async def check_stop(args: dict[str, Any]) -> dict[str, Any]:
         daemon = daemons(args.get("id"))
+        if daemon.live is not None and not daemon.live.stopped:
+            await daemon.live.stop(args.get("settle", SETTLE_S))
         daemon.set_reports(0)
         daemon.program.reports().take_batch()  # what landed while switching off
-        return kernel_view(daemon)
+        return {**kernel_view(daemon), "live": daemon.live.summary() if daemon.live else None}
 
     async def quit_command(_: dict[str, Any]) -> None:
         quit_("quit on the monitor")
@@ -158,6 +180,8 @@ def register_commands(server: QmpServer, daemons: DaemonLookup,
         "id": VM_ID,
         "every": Param(int, required=False, minimum=1, maximum=MAX_REPORT_EVERY),
         "reset": Param(bool, required=False),
+        "records": Param(str, required=False),
     })
-    server.register("vnet-check-stop", check_stop, {"id": VM_ID})
+    server.register("vnet-check-stop", check_stop, {
+        "id": VM_ID, "settle": Param(int, required=False, minimum=0, maximum=600)})
     server.register("quit", quit_command)

@@ -23,6 +23,23 @@ _PID_FILE = "/tmp/vnet-recorder.pid"
 _LOG_FILE = "/tmp/vnet-recorder.log"
 
 
+async def start_in_guest(agent: GuestAgent, options: str = "") -> None:
+    """Start ``vnet-recorder`` in the guest, in the background (whoever reads the records
+    port should be connected first)."""
+    await agent.check(f"vnet-recorder {options} </dev/null >{_LOG_FILE} 2>&1 &"
+                      f" echo $! > {_PID_FILE}")
+
+
+async def recorder_log(agent: GuestAgent) -> str:
+    """What the guest's recorder wrote to its stderr (why it failed to start, say)."""
+    return (await agent.run(f"cat {_LOG_FILE}")).output
+
+
+async def stop_in_guest(agent: GuestAgent) -> None:
+    """Stop the guest's recorder (nothing if it is not running)."""
+    await agent.run(f"kill $(cat {_PID_FILE}) 2>/dev/null", timeout=30)
+
+
 class GuestRecorder:
     def __init__(self, agent: GuestAgent, socket_path: Path) -> None:
         self.agent = agent
@@ -56,13 +73,12 @@ class GuestRecorder:
         reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path))
         self._task = asyncio.create_task(stream_records(reader, self.parser, self._deliver))
         self._task.add_done_callback(lambda _: self._changed.set())
-        await self.agent.check(f"vnet-recorder {options} </dev/null >{_LOG_FILE} 2>&1 &"
-                               f" echo $! > {_PID_FILE}")
+        await start_in_guest(self.agent, options)
         try:
             await self._wait(lambda: self.parser.header is not None, START_TIMEOUT)
         except TimeoutError:
-            log = await self.agent.run(f"cat {_LOG_FILE}")
-            raise TimeoutError(f"no header from the guest's recorder: {log.output}") from None
+            log = await recorder_log(self.agent)
+            raise TimeoutError(f"no header from the guest's recorder: {log}") from None
 
     async def wait_for(self, count: int, timeout: float) -> None:
         """Until *count* records arrived in all."""
@@ -75,7 +91,7 @@ class GuestRecorder:
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
-            await self.agent.run(f"kill $(cat {_PID_FILE}) 2>/dev/null", timeout=30)
+            await stop_in_guest(self.agent)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):

@@ -1,0 +1,65 @@
+"""Ordinary traffic, checked live by the daemon: the guest's records joined with reports.
+
+Real stacks at both ends (TCP bulk flows to busybox nc in the guest over IPv4 and IPv6,
+UDP, ping and ping6 both ways) while the guest changes its RSS configuration three
+times; the daemon reads the guest's recorder on its records port and the steering
+program's reports, and every frame ends agreed, disagreed, a departure or unmatched with
+a reason. The expectations are the reference model's, recomputed by the daemon; the
+reports' and records' values come from the kernel and from QEMU through the guest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from vnetbackend.testbed.bed import VnetGuest
+from vnetbackend.testbed.live import RssChange, check_live_traffic
+from vnetbackend.testbed.ordinary import Traffic
+
+KEY_B = bytes(range(7, 47))
+MIB = 1 << 20
+
+CHANGES = [
+    RssChange(2 * MIB, "ethtool -X hkey <B> equal 4",
+              lambda rss: rss.set_rxfh(KEY_B, equal=4)),
+    RssChange(4 * MIB, "ethtool -N rx-flow-hash udp4 sd",
+              lambda rss: rss.set_flow_hash("udp4", "sd")),
+    RssChange(6 * MIB, "ethtool -X weight 1 3 0 2", lambda rss: rss.set_rxfh(weights=[1, 3, 0, 2])),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.vnet_guest(queues=4)
+async def test_ordinary_traffic_agrees_through_rss_changes(vnet_guest: VnetGuest) -> None:
+    guest = vnet_guest.guest
+    # A records port that cannot be read is a clear error, and no check is left running.
+    with pytest.raises(ExecuteError, match="argument 'records': cannot read"):
+        await vnet_guest.monitor.execute("vnet-check-start",
+                                         {"records": str(guest.paths.records_socket) + ".x"})
+    assert (await vnet_guest.monitor.execute("query-vnet"))["steering"]["report-every"] == 0
+    run = await check_live_traffic(vnet_guest.monitor, guest.agent, vnet_guest.rss,
+                                   guest.tap_name, guest.paths.records_socket, Traffic(),
+                                   CHANGES, after_last=14 * MIB)
+    live, kernel = run.live, run.kernel
+    print(json.dumps({"live": {k: v for k, v in live.items() if k != "per-flow"},
+                      "kernel": kernel, "changes": run.changes, "sent": run.sent}, indent=1))
+    assert run.changes == [c.describe for c in CHANGES]
+    assert live["rss_changes"] >= 2
+    assert live["disagreed"] == 0, live["classes"]
+    assert kernel["disagreed"] == 0 and kernel["unjudged"] == 0
+    assert live["frames"] >= 10_000
+    flows = live["per-flow"]
+    assert len(flows) >= 8
+    kinds = {name.split()[0] for name, tally in flows.items() if tally["agreed"]}
+    assert {"tcp", "udp", "ipv4", "ipv6"} <= kinds, sorted(flows)  # ICMP: ipv4, ipv6
+    assert any(name.startswith("tcp [") for name in flows)  # TCP over IPv6
+    assert any(name.startswith("udp [") for name in flows)
+    assert live["unmatched"] < live["frames"] / 100, live["unmatched-reasons"]
+    assert sum(live["unmatched-reasons"].values()) == live["unmatched"]
+    port = live["records-port"]
+    assert port["bad-lines"] == 0 and port["lost"] == 0, port
+    assert live["records-dropped"] == 0 and live["pending-reports"] == 0
+    assert sum(t["frames"] for t in flows.values()) == live["frames"]

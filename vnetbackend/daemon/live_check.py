@@ -1,0 +1,215 @@
+"""The guest's side of the daemon's check: the records port read, every frame joined.
+
+`LiveCheck` connects to the unix socket of the VM's virtio-serial port
+``org.vnetbackend.records.0`` (QEMU's ``-chardev socket,server=on`` behind a
+``virtserialport``), where the guest's recorder writes a line per received frame
+(`vnetbackend.guest_records`), and joins each record with the steering program's report
+of its frame (`vnetbackend.flowjoin.FlowJoin`).
+
+Two orderings make the join exact:
+
+* a frame's report is in the rings before the frame can reach the guest, so before each
+  batch of records is joined the rings are read (`Hooks.read_reports`), and every report
+  read reaches `add_reports` first;
+* QEMU steers a frame with the configuration it holds when it takes the frame from the
+  tap, which can be one the guest set after the program steered it. Records are joined
+  only while the daemon's mirror is in sync (`Hooks.in_sync`), so every configuration
+  QEMU may have used has a generation by then, and a record is judged under its report's
+  generation and every later one (`Hooks.configs_since`). What remains open: a record
+  that overtakes QEMU's trace line of a guest command would be judged before that
+  command's configuration is known, and show as disagreed (never as agreed).
+
+The port carries the guest's words: a malformed line is counted, never joined; the port
+closing ends the guest's side, not the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vnetbackend.checker import Outcome
+from vnetbackend.flowjoin import FlowJoin, FlowVerdict, frame_class
+from vnetbackend.guest_records import GuestRecord, RecordParser, stream_records
+from vnetbackend.kernel_check import report_view
+from vnetbackend.qemu.departures import Departure
+from vnetbackend.rss import RssConfig
+from vnetbackend.steering.layout import SteeringReport
+from vnetbackend.steering.reports import Report
+
+log = logging.getLogger("vnetbackend.daemon")
+
+#: Guest disagreements published per batch of records; the rest are counted.
+EVENTS_PER_BATCH = 16
+#: How long `LiveCheck.stop` waits, at most, for the guest's recorder to say its buffers
+#: are empty (two pass lines after the latest record) before it ends the join.
+SETTLE_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+#: Records kept while the mirror is out of sync (QEMU not answering); later ones are
+#: counted in ``records-dropped`` and not joined.
+MAX_WAITING = 1 << 18
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What the check needs of the daemon: read the report rings now (their reports
+    reach `LiveCheck.add_reports` through the daemon), wait until the mirror is in sync,
+    the configurations QEMU may have used since a generation, the queue pairs the device
+    serves, how many RSS changes the mirror made, and where events go."""
+
+    read_reports: Callable[[], None]
+    in_sync: Callable[[], Awaitable[None]]
+    configs_since: Callable[[int], Sequence[RssConfig | None]]
+    active_pairs: Callable[[], int | None]
+    rss_changes: Callable[[], int]
+    publish: Callable[[str, dict[str, Any]], None]
+
+
+class LiveCheck:
+    """Reads the records port at *socket_path* and joins what it says with the reports.
+
+    *sampled*: reports cover one frame in several (`FlowJoin.sampled`).
+    """
+
+    def __init__(self, socket_path: Path, hooks: Hooks, departures: Sequence[Departure],
+                 sampled: bool) -> None:
+        self.socket_path = socket_path
+        self.hooks = hooks
+        self.parser = RecordParser()
+        self.join = FlowJoin(self._configs_since, departures, hooks.active_pairs, sampled,
+                             on_verdict=self._on_verdict)
+        self.events_suppressed = 0
+        self.records_dropped = 0
+        #: Set once `stop` ended the join.
+        self.stopped = False
+        self.port = "connecting"
+        self._events_left = EVENTS_PER_BATCH
+        self._waiting: list[GuestRecord] = []
+        self._greeted = False
+        self._arrived = asyncio.Event()
+        self._changes_at_start = hooks.rss_changes()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.StreamWriter | None = None
+
+    def _configs_since(self, generation: int) -> Sequence[RssConfig | None]:
+        return self.hooks.configs_since(generation)
+
+    async def start(self) -> None:
+        """Connect to the port (`OSError` or `TimeoutError` if it cannot be reached) and
+        start reading and joining."""
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path))
+        self.port = "open"
+        self._tasks = [asyncio.create_task(self._read(reader)),
+                       asyncio.create_task(self._join_when_in_sync())]
+
+    def add_reports(self, batch: np.ndarray) -> None:
+        """Report records as read from the rings (`RECORD_DTYPE`), in order."""
+        reports = []
+        for row in batch:
+            try:
+                reports.append(Report.from_record(SteeringReport.from_buffer_copy(row.tobytes())))
+            except ValueError:  # a report type the specification does not have
+                continue  # counted by the kernel check, which judges every record
+        self.join.add_reports(reports)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            await stream_records(reader, self.parser, self._deliver)
+            self.port = "closed by QEMU or the guest"
+        except OSError as err:
+            self.port = f"failed: {err}"
+        log.info("records port %s: %s", self.socket_path, self.port)
+        self._arrived.set()
+
+    def _deliver(self, records: list[GuestRecord]) -> None:
+        if self.parser.header is not None and not self._greeted:
+            self._greeted = True
+            release, interface, _ = self.parser.header
+            self.hooks.publish("VNET_RECORDER_STARTED", {
+                "records-port": str(self.socket_path), "guest-kernel": release,
+                "interface": interface})
+        room = MAX_WAITING - len(self._waiting)
+        self.records_dropped += max(0, len(records) - room)
+        self._waiting.extend(records[:max(0, room)])
+        self._arrived.set()
+
+    async def _join_when_in_sync(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            await self.hooks.in_sync()
+            self._join_waiting()
+
+    def _join_waiting(self) -> None:
+        self.hooks.read_reports()
+        records, self._waiting = self._waiting, []
+        self._events_left = EVENTS_PER_BATCH
+        self.join.add_records(records)
+
+    def _on_verdict(self, verdict: FlowVerdict) -> None:
+        if verdict.outcome is not Outcome.DISAGREED:
+            return
+        if self._events_left <= 0:
+            self.events_suppressed += 1
+            return
+        self._events_left -= 1
+        record, report = verdict.record, verdict.report
+        configs = [c for c in self.hooks.configs_since(report.generation) if c is not None]
+        self.hooks.publish("VNET_HASH_MISMATCH", {
+            "source": "guest",
+            "frame-class": frame_class(report),
+            "generation": report.generation,
+            "report": report_view(report),
+            "guest": {"queue": record.queue, "hash": f"0x{record.hash:08x}",
+                      "l4": record.l4_hash, "seq": record.seq},
+            "configs": len(configs),
+            "reason": verdict.reason,
+        })
+
+    def close(self) -> None:
+        """Stop reading at once (the daemon is going away); the tallies stay."""
+        for task in self._tasks:
+            task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        self.stopped = True
+
+    async def stop(self, settle: float = SETTLE_S) -> None:
+        """End the check: wait (at most *settle* seconds) for the guest's recorder to say
+        it has nothing more, join what arrived, and count every report still waiting for
+        its record as unmatched."""
+        if self.port == "open":
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settle):
+                    while self.parser.passes_since_record < 2 and self.port == "open":
+                        await self._arrived.wait()
+                        self._arrived.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settle):
+                await self.hooks.in_sync()
+        self._join_waiting()
+        self.join.finish()
+        self.stopped = True
+        if self._writer is not None:
+            self._writer.close()
+        if self.port == "open":
+            self.port = "closed by the daemon"
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.join.summary(),
+                "rss_changes": self.hooks.rss_changes() - self._changes_at_start,
+                "records-port": {"path": str(self.socket_path), "state": self.port,
+                                 **self.parser.summary()},
+                "records-dropped": self.records_dropped,
+                "events-suppressed": self.events_suppressed}
