@@ -222,3 +222,25 @@ def test_the_segments_of_a_gso_packet_share_its_one_report() -> None:
     late.add_reports([report])
     late.add_records([*segments[:2], dataclasses.replace(segments[2], l3_len=1600)])
     assert dict(late.unmatched_reasons) == {"NO_REPORT": 1}
+
+
+def test_a_held_disagreement_is_judged_again_once_a_later_configuration_is_known() -> None:
+    # The guest already received frames under a configuration the daemon has not read
+    # yet (every frame to queue 3); held, they agree once it is known, never before.
+    known: list[RssConfig] = [CONFIG]
+    records, reports = traffic(per_flow=2)
+    moved = [dataclasses.replace(r, queue=3) for r in records]
+    join = FlowJoin(lambda generation: tuple(known), hold_disagreements=True)
+    join.add_reports(reports)
+    join.add_records(moved)
+    off_queue_3 = sum(1 for r in records if r.queue != 3)
+    assert len(join.held) == off_queue_3 and join.totals.disagreed == 0
+    known.append(ALL_TO_3)
+    assert [v.outcome.value for v in join.judge_held()] == ["agreed"] * off_queue_3
+    assert join.totals.agreed == len(records) and join.held == []
+    # Still wrong under every configuration: a disagreement, for good.
+    wrong = FlowJoin(lambda generation: (CONFIG,), hold_disagreements=True)
+    wrong.add_reports(reports)
+    wrong.add_records(moved)
+    wrong.judge_held()
+    assert wrong.totals.disagreed == off_queue_3

@@ -4,12 +4,16 @@ It launches the test guest under the daemon (its own tap, QEMU with RSS and hash
 offered), shows what the guest negotiated, then for a few live RSS configurations set in
 the guest with ethtool: waits until the daemon mirrored it into the steering program,
 sends the traffic mix into the tap, and joins per frame the specification's answer, the
-host kernel's report and what the guest received (`vnetbackend.check`). Progress goes to
-stderr; the result is a table per frame class, or one JSON object with ``--json``. The
-exit status is 0 only when every frame agreed or differs as documented for the QEMU version
-in use (`vnetbackend.qemu.departures`: ``departures`` where QEMU departs from the
+host kernel's report and what the guest received (`vnetbackend.check`). Then the live
+phase: real flows between the host and the guest (TCP, UDP, ping over IPv4 and IPv6)
+while the guest changes its RSS configuration three times, checked by the daemon itself
+from the guest's recorder on its records port (`vnetbackend.testbed.live`). Progress
+goes to stderr; the result is a table per frame class and one per flow, or one JSON
+object with ``--json`` (the live phase's under ``"live"``). The exit status is 0 only
+when every frame agreed or differs as documented for the QEMU version in use
+(`vnetbackend.qemu.departures`: ``departures`` where QEMU departs from the
 specification, ``spec open`` where the specification leaves room and QEMU reads it
-otherwise than the model).
+otherwise than the model) and no live frame disagreed.
 """
 
 from __future__ import annotations
@@ -36,11 +40,15 @@ from vnetbackend.testbed.agent import GuestAgent
 from vnetbackend.testbed.batch import observe_batch
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.injector import silence_host_stack
+from vnetbackend.testbed.live import check_live_traffic
 from vnetbackend.testbed.observer import RxObserver
+from vnetbackend.testbed.ordinary import Traffic
 from vnetbackend.testbed.platform import Platform
 from vnetbackend.testbed.traffic import make_batch
-from vnetbackend.testbed.vm import GUEST_MAC, GUEST_MAC_BYTES, guest_args
+from vnetbackend.testbed.vm import GUEST_MAC, GUEST_MAC_BYTES, guest_args, records_port_args
 
+#: The records port's socket in the demo's scratch directory.
+RECORDS_SOCKET = "records.sock"
 READY_TIMEOUT = 180.0
 STEP_TIMEOUT = 60.0
 REPORT_TIMEOUT = 15.0
@@ -96,16 +104,22 @@ class DemoResult:
     guest_kernel: str = ""
     steps: list[StepResult] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: The daemon's live tallies (``vnet-check-stop``'s ``live``).
+    live: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        s = self.summary
-        return bool(s) and s["frames"] > 0 and s["disagreed"] == 0 and s["unmatched"] == 0
+        s, live = self.summary, self.live
+        return (bool(s) and s["frames"] > 0 and s["disagreed"] == 0 and s["unmatched"] == 0
+                and bool(live) and live["frames"] > 0 and live["disagreed"] == 0)
 
     def as_json(self) -> dict[str, Any]:
+        live = {name: self.live.get(name) for name in
+                ("frames", "flows", "agreed", "disagreed", "departures", "spec_open",
+                 "unmatched", "unmatched-reasons", "rss_changes", "per-flow")}
         return {**self.summary, "negotiated": self.negotiated, "ok": self.ok,
                 "qemu_version": self.qemu_version, "guest_kernel": self.guest_kernel,
-                "configurations": [vars(step) for step in self.steps]}
+                "configurations": [vars(step) for step in self.steps], "live": live}
 
 
 @contextlib.asynccontextmanager
@@ -114,18 +128,21 @@ async def _guest_under_daemon(queues: int, work: Path, platform: Platform,
     qemu, image = await platform.resolve()
     agent_path = work / "agent.sock"
     listener = listen_unix(agent_path)
+    records = listen_unix(work / RECORDS_SOCKET)
     fd = listener.fileno()
     options = launch.RunOptions(
         qemu_args=tuple(guest_args(image.kernel, image.initrd, append="console=ttyS0 panic=-1",
                                    console_log=work / "console.log", agent_fd=fd,
-                                   cpus=queues)),
+                                   cpus=queues) + records_port_args(records.fileno())),
         tap_name=f"vnbdemo{os.getpid() % 100000}", queues=queues, run_dir=work / "run",
-        monitor=work / "monitor.sock", mac=GUEST_MAC, pass_fds=(fd,), qemu=qemu.binary)
+        monitor=work / "monitor.sock", mac=GUEST_MAC, pass_fds=(fd, records.fileno()),
+        qemu=qemu.binary)
     progress(f"launching QEMU with {queues} queue pairs under the daemon (tap "
              f"{options.tap_name})")
     try:
         async with launch.launched(options) as daemon:
             listener.close()
+            records.close()
             serving = asyncio.create_task(daemon.serve())
             agent = await GuestAgent.connect(agent_path)
             client = QMPClient("demo")
@@ -142,6 +159,7 @@ async def _guest_under_daemon(queues: int, work: Path, platform: Platform,
                 await serving
     finally:
         listener.close()
+        records.close()
 
 
 async def _mirrored(client: QMPClient, guest: RssConfig) -> dict[str, Any]:
@@ -199,6 +217,14 @@ async def _run(queues: int, per_class: int, work: Path, platform: Platform) -> D
             outcome.steps.append(StepResult(name, len(probes),
                                             status["mirror"]["last-latency-ms"]))
         outcome.summary = daemon.checker.summary()
+        daemon.program.set_reports(0)
+        progress("live phase: TCP, UDP and ping over IPv4 and IPv6, three RSS changes "
+                 "mid-stream, checked by the daemon from the guest's recorder")
+        run = await check_live_traffic(client, agent, rss, daemon.tap_name,
+                                       work / RECORDS_SOCKET, Traffic())
+        outcome.live = run.live
+        for change in run.changes:
+            progress(f"  changed mid-stream: {change}")
     return outcome
 
 
@@ -218,11 +244,27 @@ def render_table(outcome: DemoResult) -> str:
         latency = "-" if step.latency_ms is None else f"{step.latency_ms:.1f} ms"
         lines.append(step.name.ljust(40) + f"{step.frames:>8}{latency:>18}")
     lines += ["", f"unmatched reports: {outcome.summary['unmatched-reports']}, unmatched guest "
-              f"records: {outcome.summary['unmatched-guest-records']}",
+              f"records: {outcome.summary['unmatched-guest-records']}", ""]
+    lines += render_live(outcome.live)
+    lines += [
               "result: " + ("every frame agreed, or differs where QEMU is documented to "
                             "depart from the specification or to read it otherwise"
                             if outcome.ok else "DISAGREEMENT (see VNET_HASH_MISMATCH events)")]
     return "\n".join(lines)
+
+
+def render_live(live: dict[str, Any]) -> list[str]:
+    """The live phase: one row per flow, then the totals and why frames went unmatched."""
+    columns = ("frames", "agreed", "departures", "spec_open", "disagreed", "unmatched")
+    flows = live["per-flow"]
+    width = max([len("flow"), *map(len, flows)])
+    lines = ["live: ordinary traffic through "
+             f"{live['rss_changes']} RSS changes", "flow".ljust(width)
+             + "".join(f"{c.replace('_', ' '):>12}" for c in columns)]
+    for name, tally in [*sorted(flows.items()), ("total", live)]:
+        lines.append(name.ljust(width) + "".join(f"{tally[c]:>12}" for c in columns))
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(live["unmatched-reasons"].items()))
+    return [*lines, f"unmatched: {reasons or 'none'}"]
 
 
 def main(queues: int, per_class: int, as_json: bool, qemu: str | None = None,

@@ -236,8 +236,10 @@ class FlowJoin:
     *configs_since* names the configurations for a report's generation (see the module);
     *active_pairs* the queues the device serves now (None: unknown); *sampled* says
     reports cover one frame in several, so a record without report is not a frame of the
-    check; *on_verdict* sees every joined frame's verdict (e.g. to publish
-    disagreements).
+    check; *on_verdict* sees every joined frame's final verdict (e.g. to publish
+    disagreements). With *hold_disagreements* a pair that disagrees is kept in ``held``
+    instead, until `judge_held` judges it again (by then the caller knows every
+    configuration QEMU may have used for it) and counts it for good.
     """
 
     configs_since: ConfigsSince
@@ -246,6 +248,8 @@ class FlowJoin:
     sampled: bool = False
     horizon: int = HORIZON
     on_verdict: Callable[[FlowVerdict], None] | None = None
+    hold_disagreements: bool = False
+    held: list[tuple[GuestRecord, Report, FlowKey]] = field(default_factory=list)
     totals: FlowTally = field(default_factory=FlowTally)
     classes: dict[str, FlowTally] = field(default_factory=dict)
     flows: dict[FlowKey, FlowTally] = field(default_factory=dict)
@@ -286,17 +290,32 @@ class FlowJoin:
                     reason = Reason.NO_REPORT if record.ip_version else Reason.NOT_IP_NO_REPORT
                     self._unmatched(reason, None, key, record)
                 continue
-            configs = self.configs_since(report.generation)
-            verdict = judge_guest(record, report, configs, self.departures)
-            self.across_changes += len(configs) > 1
-            if verdict.outcome is Outcome.UNMATCHED:
-                self._unmatched(Reason[verdict.reason], report, key, record)
-            else:
-                self._count(report, key, verdict.outcome)
-            verdicts.append(verdict)
-            if self.on_verdict is not None:
-                self.on_verdict(verdict)
+            verdict = self._judge(record, report, key, self.hold_disagreements)
+            if verdict is not None:
+                verdicts.append(verdict)
         return verdicts
+
+    def judge_held(self) -> list[FlowVerdict]:
+        """Judge the held pairs again, for good; their verdicts."""
+        held, self.held = self.held, []
+        return [verdict for record, report, key in held
+                if (verdict := self._judge(record, report, key, hold=False)) is not None]
+
+    def _judge(self, record: GuestRecord, report: Report, key: FlowKey,
+               hold: bool) -> FlowVerdict | None:
+        configs = self.configs_since(report.generation)
+        verdict = judge_guest(record, report, configs, self.departures)
+        if hold and verdict.outcome is Outcome.DISAGREED:
+            self.held.append((record, report, key))
+            return None
+        self.across_changes += len(configs) > 1
+        if verdict.outcome is Outcome.UNMATCHED:
+            self._unmatched(Reason[verdict.reason], report, key, record)
+        else:
+            self._count(report, key, verdict.outcome)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
+        return verdict
 
     def finish(self) -> None:
         """End the check: every report still waiting for its record is unmatched."""

@@ -195,7 +195,7 @@ class Daemon:
         """Join the guest's records from the unix socket *records_port* with the reports
         (one frame in *every*); `OSError`/`TimeoutError` if the port cannot be reached."""
         check = LiveCheck(records_port, Hooks(
-            read_reports=self._read_reports_now,
+            read_reports=self._read_reports_now, request_sync=lambda: self._owe_sync(None),
             in_sync=self._in_sync.wait, configs_since=self._configs_since,
             active_pairs=lambda: self.mirror.status.active_queue_pairs,
             rss_changes=lambda: self.mirror.status.changes, publish=self.publish),

@@ -13,11 +13,13 @@ Two orderings make the join exact:
   read reaches `add_reports` first;
 * QEMU steers a frame with the configuration it holds when it takes the frame from the
   tap, which can be one the guest set after the program steered it. Records are joined
-  only while the daemon's mirror is in sync (`Hooks.in_sync`), so every configuration
-  QEMU may have used has a generation by then, and a record is judged under its report's
-  generation and every later one (`Hooks.configs_since`). What remains open: a record
-  that overtakes QEMU's trace line of a guest command would be judged before that
-  command's configuration is known, and show as disagreed (never as agreed).
+  only while the daemon's mirror is in sync (`Hooks.in_sync`), and a record is judged
+  under its report's generation and every later one (`Hooks.configs_since`). A record
+  can still arrive before the daemon has read QEMU's trace line of the guest command
+  whose configuration steered it; so a pair that disagrees is held, the daemon reads the
+  device again (`Hooks.request_sync`), and the pair is judged again once that snapshot,
+  taken after the record arrived and so after QEMU steered its frame, is mirrored. Only
+  then is it a disagreement.
 
 The port carries the guest's words: a malformed line is counted, never joined; the port
 closing ends the guest's side, not the daemon.
@@ -60,11 +62,13 @@ MAX_WAITING = 1 << 18
 @dataclass(frozen=True, slots=True)
 class Hooks:
     """What the check needs of the daemon: read the report rings now (their reports
-    reach `LiveCheck.add_reports` through the daemon), wait until the mirror is in sync,
+    reach `LiveCheck.add_reports` through the daemon), read the device again, wait until
+    the mirror is in sync,
     the configurations QEMU may have used since a generation, the queue pairs the device
     serves, how many RSS changes the mirror made, and where events go."""
 
     read_reports: Callable[[], None]
+    request_sync: Callable[[], None]
     in_sync: Callable[[], Awaitable[None]]
     configs_since: Callable[[int], Sequence[RssConfig | None]]
     active_pairs: Callable[[], int | None]
@@ -84,7 +88,7 @@ class LiveCheck:
         self.hooks = hooks
         self.parser = RecordParser()
         self.join = FlowJoin(self._configs_since, departures, hooks.active_pairs, sampled,
-                             on_verdict=self._on_verdict)
+                             on_verdict=self._on_verdict, hold_disagreements=True)
         self.events_suppressed = 0
         self.records_dropped = 0
         #: Set once `stop` ended the join.
@@ -149,10 +153,16 @@ class LiveCheck:
             self._join_waiting()
 
     def _join_waiting(self) -> None:
+        """Judge again what was held (a sync has completed since), then join what
+        arrived; a new disagreement asks for another sync."""
+        self._events_left = EVENTS_PER_BATCH
+        self.join.judge_held()
         self.hooks.read_reports()
         records, self._waiting = self._waiting, []
-        self._events_left = EVENTS_PER_BATCH
         self.join.add_records(records)
+        if self.join.held:
+            self.hooks.request_sync()
+            self._arrived.set()  # judge them again once it is done
 
     def _on_verdict(self, verdict: FlowVerdict) -> None:
         if verdict.outcome is not Outcome.DISAGREED:
@@ -195,10 +205,12 @@ class LiveCheck:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(settle):
-                await self.hooks.in_sync()
-        self._join_waiting()
+        for _ in range(2):  # join what arrived; then judge again what that held
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settle):
+                    await self.hooks.in_sync()
+            self._join_waiting()
+        self.join.judge_held()
         self.join.finish()
         self.stopped = True
         if self._writer is not None:

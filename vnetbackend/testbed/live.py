@@ -38,6 +38,7 @@ from vnetbackend.testbed.recorder import recorder_log, start_in_guest, stop_in_g
 #: How long the guest's recorder may take to greet, and the check to settle at its end.
 RECORDER_START_S = 30.0
 STOP_SETTLE_S = 60
+MIB = 1 << 20
 
 
 class TrafficEnded(VnetError):
@@ -51,6 +52,20 @@ class RssChange:
     after_tcp_bytes: int
     describe: str
     apply: Callable[[GuestRss], Awaitable[None]]
+
+
+#: Three guest commands a few MiB apart: a new key over four queues, UDP over IPv4
+#: hashed by addresses only, a weighted table.
+STANDARD_CHANGES = [
+    RssChange(2 * MIB, "ethtool -X hkey <07..2e> equal 4",
+              lambda rss: rss.set_rxfh(bytes(range(7, 47)), equal=4)),
+    RssChange(4 * MIB, "ethtool -N rx-flow-hash udp4 sd",
+              lambda rss: rss.set_flow_hash("udp4", "sd")),
+    RssChange(6 * MIB, "ethtool -X weight 1 3 0 2",
+              lambda rss: rss.set_rxfh(weights=[1, 3, 0, 2])),
+]
+#: TCP bytes sent after the last change.
+AFTER_LAST_CHANGE = 14 * MIB
 
 
 @dataclass
@@ -76,7 +91,8 @@ async def _wait_or_fail(waiting: Awaitable[None], sending: asyncio.Task[None],
 
 async def check_live_traffic(client: QMPClient, agent: GuestAgent, rss: GuestRss,
                              tap_name: str, records_port: Path, traffic: Traffic,
-                             changes: list[RssChange], after_last: int) -> LiveRun:
+                             changes: list[RssChange] = STANDARD_CHANGES,
+                             after_last: int = AFTER_LAST_CHANGE) -> LiveRun:
     """Run *traffic* through *changes* and *after_last* TCP bytes beyond, checked live
     by the daemon behind *client*; its tallies at the end."""
     await address_both_ends(tap_name, agent)
