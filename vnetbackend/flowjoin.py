@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vnetbackend.checker import Outcome, expectation
+from vnetbackend.checker import Outcome, Tally, expectation
 from vnetbackend.guest_records import GuestRecord
 from vnetbackend.qemu.departures import DEPARTURES, Departure, Kind
 from vnetbackend.rss import RssConfig
@@ -215,21 +215,6 @@ class _Pending:
 
 
 @dataclass
-class FlowTally:
-    frames: int = 0
-    agreed: int = 0
-    disagreed: int = 0
-    departures: int = 0
-    spec_open: int = 0
-    unmatched: int = 0
-
-    def count(self, outcome: Outcome) -> None:
-        self.frames += 1
-        name = {Outcome.DEPARTURE: "departures"}.get(outcome, outcome.value)
-        setattr(self, name, getattr(self, name) + 1)
-
-
-@dataclass
 class FlowJoin:
     """The streaming join and its tallies (per frame class, per flow, per reason).
 
@@ -250,9 +235,9 @@ class FlowJoin:
     on_verdict: Callable[[FlowVerdict], None] | None = None
     hold_disagreements: bool = False
     held: list[tuple[GuestRecord, Report, FlowKey]] = field(default_factory=list)
-    totals: FlowTally = field(default_factory=FlowTally)
-    classes: dict[str, FlowTally] = field(default_factory=dict)
-    flows: dict[FlowKey, FlowTally] = field(default_factory=dict)
+    totals: Tally = field(default_factory=Tally)
+    classes: dict[str, Tally] = field(default_factory=dict)
+    flows: dict[FlowKey, Tally] = field(default_factory=dict)
     flows_overflow: int = 0
     unmatched_reasons: Counter[str] = field(default_factory=Counter)
     not_sampled: int = 0
@@ -366,15 +351,15 @@ class FlowJoin:
         self._count_in(frame_class(report), key, outcome)
 
     def _count_in(self, class_name: str, key: FlowKey, outcome: Outcome) -> None:
-        self.totals.count(outcome)
-        self.classes.setdefault(class_name, FlowTally()).count(outcome)
+        self.totals.add(outcome)
+        self.classes.setdefault(class_name, Tally()).add(outcome)
         tally = self.flows.get(key)
         if tally is None:
             if len(self.flows) >= MAX_FLOWS:
                 self.flows_overflow += 1
                 return
-            tally = self.flows[key] = FlowTally()
-        tally.count(outcome)
+            tally = self.flows[key] = Tally()
+        tally.add(outcome)
 
     @property
     def pending(self) -> int:
