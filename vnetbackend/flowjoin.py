@@ -18,8 +18,9 @@ segments — the segments' payloads are counted off the one report's) or has non
 ``not-sampled``, which is no frame of the check. A pending report waits for its record
 until `FlowJoin.horizon` later reports were added (frames still on their way to the
 guest), then ends unmatched: `Reason.INACTIVE_QUEUE` when every configuration that may
-have been in force sends it to a queue the device does not serve (QEMU keeps such a
-frame from the guest), else `Reason.NO_GUEST_RECORD`.
+have been in force sends it to a queue beyond the device's active pairs (where such a
+frame goes is QEMU's; that it did not reach the guest's recorder is all that is known),
+else `Reason.NO_GUEST_RECORD`.
 
 Each pair is judged on the guest's side (the kernel's side of every report is
 `vnetbackend.kernel_check`'s): the guest's queue, hash and L4 flag against what the guest
