@@ -244,3 +244,38 @@ def test_a_held_disagreement_is_judged_again_once_a_later_configuration_is_known
     wrong.add_records(moved)
     wrong.judge_held()
     assert wrong.totals.disagreed == off_queue_3
+
+
+def test_frames_reordered_across_a_change_pair_with_the_generation_that_explains_them() -> None:
+    # The change moved a flow to queue 3: its first frames under the new configuration
+    # (generation 2) reach the guest before the last ones under the old (generation 1),
+    # which came on their old queue. Frames of one identity are interchangeable but for
+    # the configuration: each record takes a report of a generation that explains it.
+    def since(generation: int) -> tuple[RssConfig, ...]:
+        return (CONFIG, ALL_TO_3)[generation - 1:]
+
+    f = next(f for f in FLOWS if f["l4_proto"] in (6, 17) and f["hash"] % 128 % 4 != 3)
+    old = [report_of(f, 300, generation=1) for _ in range(3)]
+    new = [report_of(f, 300, table=(3,) * 128, generation=2) for _ in range(3)]
+    records_old = [record_of(f, 300) for _ in range(3)]
+    records_new = [record_of(f, 300, table=(3,) * 128) for _ in range(3)]
+    join = FlowJoin(since)
+    join.add_reports(old + new)
+    verdicts = join.add_records(records_new[:2] + records_old + records_new[2:])
+    assert join.totals.agreed == 6 and join.totals.disagreed == 0
+    assert [v.report.generation for v in verdicts] == [2, 2, 1, 1, 1, 2]
+
+
+def test_interleaved_segments_of_two_gso_packets_are_counted_off_as_one_stream() -> None:
+    # Two packets of one flow (3 and 2 segments' payload), their segments arriving
+    # interleaved; the last segment of each is short.
+    f = FLOWS[0]
+    first, second = report_of(f, 52 + 1448 * 2 + 700), report_of(f, 52 + 1448 + 300)
+    full = dataclasses.replace(record_of(f, 1500), header_len=52)
+    short_a = dataclasses.replace(record_of(f, 752), header_len=52)
+    short_b = dataclasses.replace(record_of(f, 352), header_len=52)
+    join = FlowJoin(fixed)
+    join.add_reports([first, second])
+    join.add_records([full, full, short_b, full, short_a])
+    join.finish()
+    assert join.totals.agreed == 5 and join.totals.unmatched == 0 and join.pending == 0

@@ -74,6 +74,9 @@ class Reason(enum.Enum):
     """Why a frame ended unmatched."""
 
     NO_REPORT = "guest record with no report of its flow and length"
+    NO_REPORT_NEAR_DETACH = ("guest record with no report, arriving shortly after QEMU "
+                             "detached the program for a guest command (until the daemon "
+                             "attached it again, frames steered by tun are not reported)")
     NOT_IP_NO_REPORT = "not IP (no flow identity) and no report of its length"
     SHORT_HEADERS = "the guest could not read the frame's headers"
     NO_GUEST_RECORD = "report with no guest record (not received, or the record was lost)"
@@ -232,6 +235,8 @@ class FlowJoin:
     departures: Sequence[Departure] = DEPARTURES
     active_pairs: Callable[[], int | None] = lambda: None
     sampled: bool = False
+    #: Whether QEMU detached the program shortly before now (see `Reason`).
+    detached_recently: Callable[[], bool] = lambda: False
     horizon: int = HORIZON
     on_verdict: Callable[[FlowVerdict], None] | None = None
     hold_disagreements: bool = False
@@ -273,7 +278,9 @@ class FlowJoin:
                 if self.sampled:
                     self.not_sampled += 1
                 else:
-                    reason = Reason.NO_REPORT if record.ip_version else Reason.NOT_IP_NO_REPORT
+                    reason = (Reason.NOT_IP_NO_REPORT if not record.ip_version
+                              else Reason.NO_REPORT_NEAR_DETACH if self.detached_recently()
+                              else Reason.NO_REPORT)
                     self._unmatched(reason, None, key, record)
                 continue
             verdict = self._judge(record, report, key, self.hold_disagreements)
@@ -308,22 +315,50 @@ class FlowJoin:
         self._expire(self._reports_added)
 
     def _take(self, key: FlowKey, record: GuestRecord) -> Report | None:
-        """The pending report *record* is (a segment of), in the flow's order."""
+        """The pending report *record* is (a segment of), or None.
+
+        Candidates are the flow's waiting reports of the record's length, or, for a
+        segment, its GSO reports with payload left (charged as one stream: segments of
+        two packets may arrive interleaved). Where the candidates were steered under
+        different generations (frames in flight across an RSS change, which may reach
+        the guest out of order when the change moved their flow to another queue), the
+        newest generation whose configurations explain the record is taken, so a frame
+        is not judged under a configuration newer than the one QEMU used for it."""
         waiting = self._pending.get(key)
         if not waiting:
             return None
-        for entry in itertools.islice(waiting, LOOKAHEAD):
-            if entry.paired:
-                continue
-            if _fits(entry, record):
-                if entry.payload_left in (None, 0):
-                    entry.paired = True
-                while waiting and waiting[0].paired:
-                    waiting.popleft()
-                if not waiting:
-                    del self._pending[key]
-                return entry.report
-        return None
+        open_ = list(itertools.islice((e for e in waiting if not e.paired), LOOKAHEAD))
+        exact = [e for e in open_ if e.payload_left is None
+                 and e.report.l3_len == record.l3_len]
+        segment = [] if exact or not record.header_len else [
+            e for e in open_ if e.report.l3_len > record.l3_len and _payload_left(e, record) > 0]
+        fits = exact or segment
+        if not fits:
+            return None
+        chosen = fits
+        generations = sorted({e.report.generation for e in fits}, reverse=True)
+        if len(generations) > 1:
+            for generation in generations:
+                group = [e for e in fits if e.report.generation == generation]
+                if judge_guest(record, group[0].report, self.configs_since(generation),
+                               self.departures).outcome is not Outcome.DISAGREED:
+                    chosen = group
+                    break
+        if exact:
+            entry: _Pending | None = chosen[0]
+            chosen[0].paired = True
+        else:
+            entry = _charge(chosen, record) or _charge(fits, record)
+            if entry is None:
+                return None
+        if len(waiting) > 2 * LOOKAHEAD:
+            waiting = self._pending[key] = collections.deque(
+                e for e in waiting if not e.paired)
+        while waiting and waiting[0].paired:
+            waiting.popleft()
+        if not waiting:
+            del self._pending[key]
+        return entry.report
 
     def _expire(self, before: int) -> None:
         while self._order and self._order[0][1].number < before:
@@ -386,19 +421,32 @@ def _record_class(record: GuestRecord | None) -> str:
     return f"ipv{record.ip_version}" + {6: "_tcp", 17: "_udp"}.get(record.l4_proto, "_other")
 
 
-def _fits(entry: _Pending, record: GuestRecord) -> bool:
-    """Whether *record* is *entry*'s frame, or the next segment of its GSO packet (the
-    headers, ``header_len``, repeat in every segment; the payloads add up to the
-    report's); counts a segment's payload off."""
-    report = entry.report
-    if entry.payload_left is None and record.l3_len == report.l3_len:
-        return True
-    if not record.header_len or record.l3_len >= report.l3_len:
-        return False
+def _payload_left(entry: _Pending, record: GuestRecord) -> int:
+    """What is left of *entry*'s GSO payload for segments with *record*'s headers (the
+    headers, ``header_len``, repeat in every segment)."""
+    if entry.payload_left is not None:
+        return entry.payload_left
+    return entry.report.l3_len - record.header_len
+
+
+def _charge(entries: Sequence[_Pending], record: GuestRecord) -> _Pending | None:
+    """Count *record*'s payload off *entries* in order (a segment may finish one GSO
+    packet's payload and start the next's); the entry it starts in, or None (nothing
+    charged) if their payload left does not cover it. An entry whose payload is all
+    counted off is paired."""
     payload = record.l3_len - record.header_len
-    left = (report.l3_len - record.header_len if entry.payload_left is None
-            else entry.payload_left)
-    if payload > left:
-        return False
-    entry.payload_left = left - payload
-    return True
+    if sum(_payload_left(e, record) for e in entries) < payload:
+        return None
+    first = None
+    for entry in entries:
+        left = _payload_left(entry, record)
+        if left <= 0:
+            continue
+        first = first or entry
+        taken = min(left, payload)
+        entry.payload_left = left - taken
+        entry.paired = entry.payload_left == 0
+        payload -= taken
+        if payload == 0:
+            break
+    return first

@@ -62,6 +62,9 @@ FEATURE_POLL_S = 0.5
 #: Delays before a failed sync is tried again: doubling from the first to the last.
 RETRY_FIRST_S = 0.25
 RETRY_LAST_S = 4.0
+#: How long after QEMU detached the program a guest record without a report is said to
+#: be near that detach: frames reach the guest's recorder well within it on a TCG guest.
+DETACH_RECENT_S = 2.0
 
 
 class Ending(enum.Enum):
@@ -111,6 +114,8 @@ class Daemon:
     _owed: asyncio.Event = field(default_factory=asyncio.Event)
     _owed_cause: RssTraceEvent | None = None
     _owed_newest: float = float("-inf")
+    #: When QEMU last detached the program (time.monotonic()).
+    _last_detach: float = float("-inf")
     #: Set while no sync is owed and the last one succeeded.
     _in_sync: asyncio.Event = field(default_factory=asyncio.Event)
     #: Wall-clock time before which QEMU's trace lines are covered by a snapshot taken.
@@ -198,11 +203,15 @@ class Daemon:
             read_reports=self._read_reports_now, request_sync=lambda: self._owe_sync(None),
             in_sync=self._in_sync.wait, configs_since=self._configs_since,
             active_pairs=lambda: self.mirror.status.active_queue_pairs,
-            rss_changes=lambda: self.mirror.status.changes, publish=self.publish),
+            rss_changes=lambda: self.mirror.status.changes,
+            detached_recently=self._detached_recently, publish=self.publish),
             self.checker.departures, sampled=every > 1)
         await check.start()
         self.live = check
         return check
+
+    def _detached_recently(self) -> bool:
+        return time.monotonic() - self._last_detach < DETACH_RECENT_S
 
     def _read_reports_now(self) -> None:
         self.program.reports().take_batch()  # through `_judge_reports`
@@ -269,6 +278,7 @@ class Daemon:
         attaches it again at once, maps as they are) and a sync is owed, unless a
         snapshot taken after QEMU wrote *event* covers it."""
         self.mirror.qemu_detached()
+        self._last_detach = time.monotonic()
         if event is not None and event.at is not None and event.at <= self._covered_until:
             return
         self._owe_sync(event)

@@ -63,9 +63,9 @@ MAX_WAITING = 1 << 18
 class Hooks:
     """What the check needs of the daemon: read the report rings now (their reports
     reach `LiveCheck.add_reports` through the daemon), read the device again, wait until
-    the mirror is in sync,
-    the configurations QEMU may have used since a generation, the queue pairs the device
-    serves, how many RSS changes the mirror made, and where events go."""
+    the mirror is in sync, the configurations QEMU may have used since a generation, the
+    queue pairs the device serves, how many RSS changes the mirror made, whether QEMU
+    detached the program shortly before, and where events go."""
 
     read_reports: Callable[[], None]
     request_sync: Callable[[], None]
@@ -73,6 +73,7 @@ class Hooks:
     configs_since: Callable[[int], Sequence[RssConfig | None]]
     active_pairs: Callable[[], int | None]
     rss_changes: Callable[[], int]
+    detached_recently: Callable[[], bool]
     publish: Callable[[str, dict[str, Any]], None]
 
 
@@ -88,7 +89,8 @@ class LiveCheck:
         self.hooks = hooks
         self.parser = RecordParser()
         self.join = FlowJoin(self._configs_since, departures, hooks.active_pairs, sampled,
-                             on_verdict=self._on_verdict, hold_disagreements=True)
+                             on_verdict=self._on_verdict, hold_disagreements=True,
+                             detached_recently=hooks.detached_recently)
         self.events_suppressed = 0
         self.records_dropped = 0
         #: Set once `stop` ended the join.
