@@ -229,8 +229,11 @@ class Daemon:
 
     def _notice(self, event: RssTraceEvent | None) -> None:
         """A guest command was committed: QEMU has detached the program and a sync is
-        owed, unless a snapshot taken after QEMU wrote *event* covers it."""
-        if event is not None and event.at is not None and event.at <= self._covered_until:
+        owed, unless a snapshot taken after QEMU wrote *event* covers it: one synced
+        already, or the one of the sync under way once QEMU has paused the VM for it (the
+        sync attaches the program after that snapshot, so *event* changes nothing)."""
+        covered = max(self._covered_until, self.state_reader.covers_until)
+        if event is not None and event.at is not None and event.at <= covered:
             return
         self.mirror.qemu_detached()
         self._owe_sync(event)
