@@ -249,7 +249,7 @@ _Static_assert(MAX_ASK <= WINDOW && WINDOW <= WINDOW_MASK + 1 &&
 
 /* What a frame offers to the hash (ParsedFrame in the reference model). */
 struct parsed {
-	u32 frame_len;
+	u64 frame_len;
 	u16 l3_offset;
 	u8 ip_version;
 	u8 l4_proto;
@@ -258,6 +258,7 @@ struct parsed {
 	u8 has_home;
 	u8 has_routed;
 	u8 ports[4];
+	u32 align;              /* the addresses start 8-byte aligned */
 	u8 src[16];
 	u8 dst[16];
 	u8 home[16];            /* ex_src when has_home */
@@ -267,9 +268,9 @@ struct parsed {
 /* Where the IPv6 extension chain walk is: the next header, and the destination options
  * still to look through for the home address option (none when opt >= opt_end). */
 struct walk {
-	u32 pos;                /* frame offset of header `nh` */
-	u32 opt;
-	u32 opt_end;
+	u64 pos;                /* frame offset of header `nh` */
+	u64 opt;
+	u64 opt_end;
 	u8 nh;
 };
 
@@ -280,9 +281,9 @@ struct walk {
 struct scratch {
 	struct parsed p;
 	struct walk w;
-	u32 base;               /* frame offset of skb->data: ETH_HLEN in a test run, else 0 */
-	u32 win_start;          /* frame offset of win[0] */
-	u32 win_len;            /* bytes in win */
+	u64 base;               /* frame offset of skb->data: ETH_HLEN in a test run, else 0 */
+	u64 win_start;          /* frame offset of win[0] */
+	u64 win_len;            /* bytes in win */
 	u8 win[WINDOW_MASK + 1 + MAX_ASK];
 };
 
@@ -312,7 +313,7 @@ BPF_RINGBUF_OUTPUT(report_bell, 1);
  * relative to skb->data, which also reaches paged data; in a test run, where the Ethernet
  * header is pulled, relative to the MAC header (a test run's skb is linear).
  */
-static __always_inline int read_frame(struct __sk_buff *skb, const struct scratch *sc, u32 off,
+static __always_inline int read_frame(struct __sk_buff *skb, const struct scratch *sc, u64 off,
 				      u8 *to, u64 len)
 {
 	if (sc->base)
@@ -325,8 +326,8 @@ static __always_inline int read_frame(struct __sk_buff *skb, const struct scratc
  * inside the frame, or NULL if they cannot be read. Unless they are in the window already,
  * the window is read again from `off`: WINDOW bytes, or up to the frame's end.
  */
-static __always_inline const u8 *frame_bytes(struct __sk_buff *skb, struct scratch *sc, u32 off,
-					     u32 len)
+static __always_inline const u8 *frame_bytes(struct __sk_buff *skb, struct scratch *sc, u64 off,
+					     u64 len)
 {
 	u64 n;
 
@@ -378,19 +379,24 @@ static __always_inline void copy16(u8 *to, const u8 *from)
 	((u64 *)to)[1] = ((const u64 *)from)[1];
 }
 
+/* The extension headers the walk steps over, as bits of their numbers (all below 64). */
+#define EXT_HEADERS ((1ULL << IPPROTO_HOPOPTS) | (1ULL << IPPROTO_ROUTING) |          \
+		     (1ULL << IPPROTO_FRAGMENT) | (1ULL << IPPROTO_AH) | (1ULL << IPPROTO_DSTOPTS))
+_Static_assert(IPPROTO_HOPOPTS < 64 && IPPROTO_ROUTING < 64 && IPPROTO_FRAGMENT < 64 &&
+	       IPPROTO_AH < 64 && IPPROTO_DSTOPTS < 64, "extension header numbers");
+
 static __always_inline int is_ext_header(u8 nh)
 {
-	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_FRAGMENT ||
-	       nh == IPPROTO_AH || nh == IPPROTO_DSTOPTS;
+	return nh < 64 && ((EXT_HEADERS >> nh) & 1);
 }
 
 /* The transport header at `off`, if it is TCP or UDP and whole in the frame. */
 static __always_inline void parse_transport(struct __sk_buff *skb, struct scratch *sc, u8 proto,
-					    u32 off)
+					    u64 off)
 {
 	struct parsed *p = &sc->p;
 	const u8 *ports;
-	u32 need;
+	u64 need;
 
 	if (proto == IPPROTO_TCP)
 		need = 20;
@@ -404,11 +410,11 @@ static __always_inline void parse_transport(struct __sk_buff *skb, struct scratc
 	p->l4_proto = proto;
 }
 
-static __always_inline void parse_ipv4(struct __sk_buff *skb, struct scratch *sc, u32 off)
+static __always_inline void parse_ipv4(struct __sk_buff *skb, struct scratch *sc, u64 off)
 {
 	struct parsed *p = &sc->p;
 	const u8 *h;
-	u32 ihl;
+	u64 ihl;
 	u8 proto;
 
 	if (p->frame_len < off + 20 || !(h = frame_bytes(skb, sc, off, 20)) || (h[0] >> 4) != 4)
@@ -428,24 +434,28 @@ static __always_inline void parse_ipv4(struct __sk_buff *skb, struct scratch *sc
 	parse_transport(skb, sc, proto, off + ihl);
 }
 
-/* One destination option at w->opt: its length, or the home address option itself. */
+/*
+ * One destination option at w->opt: its length, or the home address option itself. A
+ * last byte alone is Pad1 or a truncated option: the scan ends either way, so an option
+ * is read as its two first bytes at once.
+ */
 static __always_inline void scan_option(struct __sk_buff *skb, struct scratch *sc)
 {
 	struct walk *w = &sc->w;
-	u32 opt = w->opt;
-	const u8 *o = frame_bytes(skb, sc, opt, 1);
+	u64 opt = w->opt;
+	const u8 *o;
 	u8 type, length;
 
-	if (o && o[0] == IPV6_TLV_PAD1) {
-		w->opt = opt + 1;
-		return;
-	}
-	if (!o || opt + 2 > w->opt_end || !(o = frame_bytes(skb, sc, opt, 2))) {
+	if (opt + 2 > w->opt_end || !(o = frame_bytes(skb, sc, opt, 2))) {
 		w->opt_end = 0;
 		return;
 	}
 	type = o[0];
 	length = o[1];
+	if (type == IPV6_TLV_PAD1) {
+		w->opt = opt + 1;
+		return;
+	}
 	if (type == IPV6_TLV_HAO && length == 16 && opt + 18 <= w->opt_end) {
 		if ((o = frame_bytes(skb, sc, opt + 2, 16))) {
 			copy16(sc->p.home, o);
@@ -462,7 +472,7 @@ static __always_inline int walk_step(struct __sk_buff *skb, struct scratch *sc)
 {
 	struct parsed *p = &sc->p;
 	struct walk *w = &sc->w;
-	u32 pos = w->pos, length;
+	u64 pos = w->pos, length;
 	u8 nh = w->nh, next, routing2;
 	const u8 *e;
 
@@ -505,7 +515,7 @@ static __always_inline int walk_step(struct __sk_buff *skb, struct scratch *sc)
 	return 0;
 }
 
-static __always_inline void parse_ipv6(struct __sk_buff *skb, struct scratch *sc, u32 off)
+static __always_inline void parse_ipv6(struct __sk_buff *skb, struct scratch *sc, u64 off)
 {
 	struct parsed *p = &sc->p;
 	const u8 *h;
@@ -520,10 +530,11 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, struct scratch *sc
 	sc->w.pos = off + 40;
 	sc->w.opt_end = 0;
 	for (;;) {
-		/* Each step starts from the walk's state in memory, not from what the compiler
-		 * kept of the last step, so the verifier sees every step alike. */
+		/* Each pass starts from the walk's state in memory, not from what the compiler
+		 * kept of the last pass, so the verifier sees every pass alike. Two steps a
+		 * pass: the second goes on from the first's state in registers. */
 		asm volatile("" ::: "memory");
-		if (loop_budget_spent() || walk_step(skb, sc))
+		if (loop_budget_spent() || walk_step(skb, sc) || walk_step(skb, sc))
 			break;
 	}
 }
@@ -534,7 +545,7 @@ static __always_inline void parse_ipv6(struct __sk_buff *skb, struct scratch *sc
  */
 static __always_inline void parse_frame(struct __sk_buff *skb, struct scratch *sc, u32 oob_tags)
 {
-	u32 off = ETH_HLEN;
+	u64 off = ETH_HLEN;
 	const u8 *b;
 	u16 ethertype;
 
@@ -714,33 +725,76 @@ static __always_inline void publish_report(struct report_cursor *c, u64 head)
 		report_bell.ringbuf_output(&bell, sizeof(bell), 0);
 }
 
-static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
-					 u32 queue, u32 generation, struct steering_counters *cnt)
-{
-	struct report_cursor *c = NULL;
-	u64 head = 0;
-	struct steering_report *r = report_slot(&c, &head);
+/*
+ * The first 24 bytes of a record as three little-endian words: hash, queue, report_type,
+ * ip_version | l4_proto, flags, l3_offset, frame_len | l3_len, src_port, dst_port.
+ */
+#define REPORT_HEAD(r) ((u64 *)(r))
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "records are written as LE words");
+_Static_assert(__builtin_offsetof(struct steering_report, queue) == 4 &&
+	       __builtin_offsetof(struct steering_report, report_type) == 6 &&
+	       __builtin_offsetof(struct steering_report, ip_version) == 7 &&
+	       __builtin_offsetof(struct steering_report, l4_proto) == 8 &&
+	       __builtin_offsetof(struct steering_report, flags) == 9 &&
+	       __builtin_offsetof(struct steering_report, l3_offset) == 10 &&
+	       __builtin_offsetof(struct steering_report, frame_len) == 12 &&
+	       __builtin_offsetof(struct steering_report, l3_len) == 16 &&
+	       __builtin_offsetof(struct steering_report, src_port) == 20 &&
+	       __builtin_offsetof(struct steering_report, dst_port) == 22,
+	       "REPORT_HEAD's word layout");
 
-	if (!r || !c) {
+/*
+ * A report reserved before the frame is parsed: its slot (NULL when none is due or the ring
+ * is full) and what publish_report needs. The slot's two cache lines are written at once,
+ * so that fetching them overlaps the parse rather than stalling the atomic add that
+ * publishes the record (a locked instruction waits for every store before it).
+ */
+struct reservation {
+	struct steering_report *r;
+	struct report_cursor *c;
+	u64 head;
+};
+
+static __always_inline void reserve_report(struct reservation *res, u32 generation,
+					   struct steering_counters *cnt)
+{
+	struct steering_report *r = report_slot(&res->c, &res->head);
+
+	if (!r || !res->c) {
 		cnt->reports_dropped++;
 		return;
 	}
-	r->hash = sel->hash;
-	r->queue = queue;
-	r->report_type = sel->report;
-	r->ip_version = p->ip_version;
-	r->l4_proto = p->l4_proto;
-	r->flags = (p->has_ext ? REPORT_FLAG_EXT_HEADERS : 0) |
-		   (p->fragment ? REPORT_FLAG_FRAGMENT : 0) | sel->ex_flags;
-	r->frame_len = p->frame_len;
+	r->hash = 0;
 	r->generation = generation;
-	if (p->l4_proto) {
-		r->src_port = (p->ports[0] << 8) | p->ports[1];
-		r->dst_port = (p->ports[2] << 8) | p->ports[3];
-	} else {
-		r->src_port = 0;
-		r->dst_port = 0;
+	res->r = r;
+}
+
+static __always_inline void write_report(const struct parsed *p, const struct selection *sel,
+					 u32 queue, struct reservation *res,
+					 struct steering_counters *cnt)
+{
+	struct steering_report *r = res->r;
+	u64 flags, l3_offset = 0, l3_len = 0, ports = 0;
+
+	if (!r || !res->c)
+		return;
+	flags = (p->has_ext ? REPORT_FLAG_EXT_HEADERS : 0) |
+		(p->fragment ? REPORT_FLAG_FRAGMENT : 0) | sel->ex_flags;
+	if (p->ip_version) {
+		l3_offset = p->l3_offset;
+		l3_len = (u32)(p->frame_len - p->l3_offset);
 	}
+	if (p->l4_proto) {
+		/* Both ports from network to host order at once. */
+		ports = *(const u32 *)p->ports;
+		ports = ((ports & 0x00FF00FF) << 8) | ((ports >> 8) & 0x00FF00FF);
+	}
+	/* The record's first 24 bytes in three stores (see REPORT_HEAD). */
+	REPORT_HEAD(r)[0] = sel->hash | (u64)(u16)queue << 32 | (u64)sel->report << 48 |
+			    (u64)p->ip_version << 56;
+	REPORT_HEAD(r)[1] = p->l4_proto | flags << 8 | l3_offset << 16 |
+			    (u64)(u32)p->frame_len << 32;
+	REPORT_HEAD(r)[2] = l3_len | ports << 32;
 	if (p->ip_version == 4) {
 		copy4(r->src, p->src);
 		copy4(r->dst, p->dst);
@@ -752,14 +806,7 @@ static __always_inline void write_report(const struct parsed *p, const struct se
 		if (sel->ex_flags & REPORT_FLAG_EX_DST)
 			copy16(r->ex_dst, p->routed);
 	}
-	if (p->ip_version) {
-		r->l3_offset = p->l3_offset;
-		r->l3_len = p->frame_len - p->l3_offset;
-	} else {
-		r->l3_offset = 0;
-		r->l3_len = 0;
-	}
-	publish_report(c, head);
+	publish_report(res->c, res->head);
 	cnt->reports++;
 }
 
@@ -829,6 +876,7 @@ int steer(struct __sk_buff *skb)
 	struct parsed *p;
 	struct rss_slot *s;
 	struct selection sel = {};
+	struct reservation res = {};
 	u32 slot, base, frame_len, oob_tags, types, queue;
 
 	if (!ctl || !cnt)
@@ -854,6 +902,8 @@ int steer(struct __sk_buff *skb)
 		return queue;
 	}
 
+	if (report_due(ctl, cnt))
+		reserve_report(&res, s->generation, cnt);
 	sc = scratch.lookup(&zero);
 	if (!sc)
 		return 0;
@@ -887,7 +937,6 @@ int steer(struct __sk_buff *skb)
 	else
 		queue = s->indirection[sel.hash & (s->table_length - 1) & (MAX_TABLE_LENGTH - 1)];
 
-	if (report_due(ctl, cnt))
-		write_report(p, &sel, queue, s->generation, cnt);
+	write_report(p, &sel, queue, &res, cnt);
 	return queue;
 }

@@ -30,6 +30,10 @@ def test_bench_mirror_prints_one_latency_per_change() -> None:
     # QEMU 7.2 says STOP and RESUME around the snapshot: its pause is measured apart.
     assert {"trace-seen", "qmp-request", "vm-pause", "qmp-resume", "read", "parse",
             "validate", "maps", "attach"} <= set(figures["stages_ms"])
+    # Each change parted into QEMU's pause and the daemon's rest.
+    assert set(figures["split_ms"]) == {"qemu", "daemon"}
+    for part in figures["split_ms"].values():
+        assert 0 < part["p50"] <= part["p99"] <= figures["max_ms"]
     assert figures["boot_s"] > 0
     assert 0 < figures["min_ms"] <= figures["p50_ms"] <= figures["p90_ms"] <= figures["p99_ms"]
     assert figures["p99_ms"] <= figures["max_ms"]

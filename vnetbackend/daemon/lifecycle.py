@@ -276,10 +276,13 @@ class Daemon:
     def _notice(self, event: RssTraceEvent | None) -> None:
         """A guest command was committed: QEMU has detached the program (the mirror
         attaches it again at once, maps as they are) and a sync is owed, unless a
-        snapshot taken after QEMU wrote *event* covers it."""
+        snapshot taken after QEMU wrote *event* covers it: one synced already, or the one
+        of the sync under way once QEMU has paused the VM for it (that sync attaches the
+        program after its snapshot, so *event* changes nothing more)."""
         self.mirror.qemu_detached()
         self._last_detach = time.monotonic()
-        if event is not None and event.at is not None and event.at <= self._covered_until:
+        covered = max(self._covered_until, self.state_reader.covers_until)
+        if event is not None and event.at is not None and event.at <= covered:
             return
         self._owe_sync(event)
 

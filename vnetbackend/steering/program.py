@@ -52,6 +52,7 @@ from vnetbackend.steering.layout import (
 )
 from vnetbackend.steering.reports import ReportReader, ReportRings
 from vnetbackend.steering.ring import RingBuffer
+from vnetbackend.steering.tables import toeplitz_rows
 
 #: Where the C source lives: ``bpf/`` at the top of the repository.
 SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
@@ -310,8 +311,9 @@ class SteeringProgram:
         slot.key[: len(config.key)] = config.key
         slot.indirection[: len(config.indirection_table)] = [
             queue % modulo for queue in config.indirection_table]
-        for position, table in enumerate(tables_for(config.key)):
-            slot.toeplitz[position][:] = table
+        rows = toeplitz_rows(config.key)
+        assert rows.nbytes == ct.sizeof(slot.toeplitz)
+        ct.memmove(ct.addressof(slot.toeplitz), rows.ctypes.data, rows.nbytes)
         self._switch_to(slot, SteeringState(True, bool(redirect), config), delivered_queues)
 
     def disable(self) -> None:
