@@ -62,7 +62,9 @@ class RssConfig:
     indirection_table: tuple[int, ...]
     queues: int
     unclassified_queue: int = 0
-    _tables: ByteTables = field(init=False, repr=False, compare=False)
+    #: The key's byte tables, built on the first hash (None until then): validating a
+    #: configuration, as the mirror does before it writes the maps, does not pay for them.
+    _tables: ByteTables | None = field(init=False, repr=False, compare=False)
     _types: int = field(init=False, repr=False, compare=False)  # hash_types as a plain int
     _plain_ipv4: dict[int, tuple[HashReport, int]] = field(init=False, repr=False,
                                                          compare=False)
@@ -83,7 +85,7 @@ class RssConfig:
         set_(self, "indirection_table", _check_table(indirection_table, self.queues))
         set_(self, "unclassified_queue", _check_queue("unclassified_queue",
                                                       unclassified_queue, self.queues))
-        set_(self, "_tables", tables_for(self.key))
+        set_(self, "_tables", None)
         set_(self, "_types", int(self.hash_types))
         set_(self, "_plain_ipv4", _plain_ipv4_choices(self._types))
 
@@ -108,7 +110,11 @@ class RssConfig:
     def _steering(self, report: HashReport, data: bytes) -> Steering:
         if report is HashReport.NONE:
             return Steering(0, report, self.unclassified_queue, b"")
-        value = hash_with_tables(self._tables, data)
+        tables = self._tables
+        if tables is None:
+            tables = tables_for(self.key)
+            object.__setattr__(self, "_tables", tables)
+        value = hash_with_tables(tables, data)
         table = self.indirection_table
         return Steering(value, report, table[value & (len(table) - 1)], data)
 
