@@ -12,9 +12,11 @@ The order `FlowJoin` relies on: **a frame's report is added before its record**.
 program writes a frame's report before tun queues the frame for QEMU, so a caller that
 reads the report rings after a record arrived and adds what it read first meets it. A
 record therefore pairs with a pending report of its identity and length (the oldest
-one; or, when the host sent a GSO packet — the tap runs the steering program once, then
-segments — the segments' payloads are counted off the one report's) or has none:
-`Reason.NO_REPORT`, or, while reports are sampled (one frame in ``every``),
+of the newest generation that explains it, see `FlowJoin._take`; or, when the host sent
+a GSO packet — the tap runs the steering program once, then segments — the segments'
+payloads are counted off the flow's open packets) or has none: `Reason.NO_REPORT`
+(`Reason.NO_REPORT_NEAR_DETACH` shortly after QEMU detached the program), or, while
+reports are sampled (one frame in ``every``),
 ``not-sampled``, which is no frame of the check. A pending report waits for its record
 until `FlowJoin.horizon` later reports were added (frames still on their way to the
 guest), then ends unmatched: `Reason.INACTIVE_QUEUE` when every configuration that may
