@@ -19,7 +19,9 @@ Two orderings make the join exact:
   whose configuration steered it; so a pair that disagrees is held, the daemon reads the
   device again (`Hooks.request_sync`), and the pair is judged again once that snapshot,
   taken after the record arrived and so after QEMU steered its frame, is mirrored. Only
-  then is it a disagreement.
+  then is it a disagreement. Such reads are at most one per `DOUBT_SYNC_INTERVAL_S`: a
+  guest that keeps sending disagreeing records cannot make the daemon pause its VM
+  more often.
 
 The port carries the guest's words: a malformed line is counted, never joined; the port
 closing ends the guest's side, not the daemon.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,8 @@ CONNECT_TIMEOUT_S = 5.0
 #: Records kept while the mirror is out of sync (QEMU not answering); later ones are
 #: counted in ``records-dropped`` and not joined.
 MAX_WAITING = 1 << 18
+#: The least time between two device reads asked for held disagreements.
+DOUBT_SYNC_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,10 @@ class LiveCheck:
         self._events_left = EVENTS_PER_BATCH
         self._waiting: list[GuestRecord] = []
         self._greeted = False
+        #: A device read was asked for the held pairs (judge them once in sync again).
+        self._doubt_asked = False
+        self._doubt_timer: asyncio.TimerHandle | None = None
+        self._last_doubt_sync = float("-inf")
         self._arrived = asyncio.Event()
         self._changes_at_start = hooks.rss_changes()
         self._tasks: list[asyncio.Task[None]] = []
@@ -155,16 +164,27 @@ class LiveCheck:
             self._join_waiting()
 
     def _join_waiting(self) -> None:
-        """Judge again what was held (a sync has completed since), then join what
-        arrived; a new disagreement asks for another sync."""
+        """Judge again what was held if the device was read for it since (the caller
+        waited for the mirror to be in sync), then join what arrived; held pairs ask for
+        a device read (`_ask_doubt_sync`)."""
         self._events_left = EVENTS_PER_BATCH
-        self.join.judge_held()
+        if self._doubt_asked:
+            self._doubt_asked = False
+            self.join.judge_held()
         self.hooks.read_reports()
         records, self._waiting = self._waiting, []
         self.join.add_records(records)
-        if self.join.held:
-            self.hooks.request_sync()
-            self._arrived.set()  # judge them again once it is done
+        if self.join.held and not self._doubt_asked and self._doubt_timer is None:
+            delay = self._last_doubt_sync + DOUBT_SYNC_INTERVAL_S - time.monotonic()
+            self._doubt_timer = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self._ask_doubt_sync)
+
+    def _ask_doubt_sync(self) -> None:
+        self._doubt_timer = None
+        self._last_doubt_sync = time.monotonic()
+        self.hooks.request_sync()
+        self._doubt_asked = True
+        self._arrived.set()  # judge them again once the mirror is in sync
 
     def _on_verdict(self, verdict: FlowVerdict) -> None:
         if verdict.outcome is not Outcome.DISAGREED:
@@ -186,8 +206,15 @@ class LiveCheck:
             "reason": verdict.reason,
         })
 
+    async def _until_in_sync(self, settle: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settle):
+                await self.hooks.in_sync()
+
     def close(self) -> None:
         """Stop reading at once (the daemon is going away); the tallies stay."""
+        if self._doubt_timer is not None:
+            self._doubt_timer.cancel()
         for task in self._tasks:
             task.cancel()
         if self._writer is not None:
@@ -207,11 +234,14 @@ class LiveCheck:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for _ in range(2):  # join what arrived; then judge again what that held
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(settle):
-                    await self.hooks.in_sync()
-            self._join_waiting()
+        await self._until_in_sync(settle)
+        self._join_waiting()
+        if self._doubt_timer is not None:
+            self._doubt_timer.cancel()
+            self._doubt_timer = None
+        if self.join.held:
+            self.hooks.request_sync()
+            await self._until_in_sync(settle)
         self.join.judge_held()
         self.join.finish()
         self.stopped = True
