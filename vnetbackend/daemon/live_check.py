@@ -46,8 +46,7 @@ from vnetbackend.guest_records import GuestRecord, RecordParser, stream_records
 from vnetbackend.kernel_check import report_view
 from vnetbackend.qemu.departures import Departure
 from vnetbackend.rss import RssConfig
-from vnetbackend.steering.layout import SteeringReport
-from vnetbackend.steering.reports import Report
+from vnetbackend.steering.reports import decode_batch
 
 log = logging.getLogger("vnetbackend.daemon")
 
@@ -126,14 +125,9 @@ class LiveCheck:
                        asyncio.create_task(self._join_when_in_sync())]
 
     def add_reports(self, batch: np.ndarray) -> None:
-        """Report records as read from the rings (`RECORD_DTYPE`), in order."""
-        reports = []
-        for row in batch:
-            try:
-                reports.append(Report.from_record(SteeringReport.from_buffer_copy(row.tobytes())))
-            except ValueError:  # a report type the specification does not have
-                continue  # counted by the kernel check, which judges every record
-        self.join.add_reports(reports)
+        """Report records as read from the rings (`RECORD_DTYPE`), in order; a record of
+        a report type the specification does not have is the kernel check's to count."""
+        self.join.add_reports(decode_batch(batch)[0])
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes as ct
 import mmap
 import os
@@ -247,6 +248,16 @@ class ReportRings:
 RETAINED_RECORDS = 1 << 16
 
 
+def decode_batch(batch: np.ndarray) -> tuple[list[Report], int]:
+    """The reports of a batch of records (`RECORD_DTYPE`), in order, and how many records
+    were skipped for a report type the specification does not have."""
+    reports = []
+    for row in batch:
+        with contextlib.suppress(ValueError):
+            reports.append(Report.from_record(SteeringReport.from_buffer_copy(row.tobytes())))
+    return reports, len(batch) - len(reports)
+
+
 class ReportReader:
     """Reads the program's reports from *source* (one reader per loaded program).
 
@@ -289,12 +300,9 @@ class ReportReader:
     def _consume(self) -> None:
         self.take_batch()
         while self._batches:
-            for row in self._batches.popleft():
-                record = SteeringReport.from_buffer_copy(row.tobytes())
-                try:
-                    self._ready.append(Report.from_record(record))
-                except ValueError:  # a report type the specification does not have
-                    self.malformed += 1
+            reports, malformed = decode_batch(self._batches.popleft())
+            self._ready.extend(reports)
+            self.malformed += malformed
         self._retained = 0
 
     def drain(self) -> list[Report]:
