@@ -303,7 +303,7 @@ class FlowJoin:
         if hold and verdict.outcome is Outcome.DISAGREED:
             self.held.append((record, report, key))
             return None
-        self.across_changes += len(configs) > 1
+        self.across_changes += verdict.configs > 1
         if verdict.outcome is Outcome.UNMATCHED:
             self._unmatched(Reason[verdict.reason], report, key, record)
         else:
