@@ -127,7 +127,8 @@ class Mirror:
         True when the program holds what the device holds, or the configuration in force
         after a refusal; False when the sync failed and should be tried again. The
         program may be attached before QEMU's reply to the snapshot command arrives
-        (see `DeviceStateReader`); a sync is only done once that reply is a success.
+        (see `DeviceStateReader`); a sync is only done once that reply is a success and
+        the whole stream holds the state the program was given.
         """
         self.status.syncs += 1
         # No collection on the mirror's path: one of the collector's passes costs
@@ -142,7 +143,7 @@ class Mirror:
                 gc.enable()
         try:
             await self._reader.confirm()
-        except QemuCallFailed as err:
+        except (QemuCallFailed, SnapshotError) as err:
             self.note_failure("snapshot", err)
             return False
         return done

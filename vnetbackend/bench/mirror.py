@@ -12,20 +12,22 @@ Percentiles are nearest-rank: with fewer than 100 changes ``p99_ms`` would be th
 maximum, one sample. The default of 200 changes makes it the second-largest; the
 maximum is reported beside it. ``stages_ms`` gives p50 and p99 of each stage of a
 change (`vnetbackend.mirror.MirrorStatus`), which add up to its latency: the trace line
-seen (``trace-seen``), the snapshot command until QEMU's ``STOP`` (``qmp-request``), the
-VM's pause by QEMU's own times (``vm-pause``), ``RESUME`` heard (``qmp-resume``),
-reading and parsing the stream (``read``, ``parse``), the validated configuration with
-its Toeplitz tables (``validate``), the map writes (``maps``) and the attach
+seen (``trace-seen``), the snapshot command until QEMU's ``STOP`` (``qmp-request``),
+then ``STOP`` until the device's section was read whole from the file while QEMU was
+still writing it (``state-written``), or, where the state was read at QEMU's reply, the
+VM's pause by QEMU's own times (``vm-pause``) and the reply heard (``qmp-resume``);
+reading and parsing the stream (``read``, ``parse``), the validated configuration
+(``validate``), the map writes with the Toeplitz tables (``maps``) and the attach
 (``attach``). ``syncs`` counts the snapshots taken for the changes: one each.
 
 ``split_ms`` parts each change's latency in two, per change, before taking p50 and p99:
-``qemu`` is the time QEMU holds the snapshot up after the daemon asked for it, before
-QEMU could have answered (``qmp-request`` + ``vm-pause``: the command received and
-dispatched, the vCPUs paused, the device state saved), ``daemon`` the rest of the
-latency (the trace line seen, ``RESUME`` heard, reading, parsing, validating, the maps
-and the attach). Percentiles of stages do not add up; these say which side a slow
-change's time was on. Changes where QEMU's pause was not seen (``snapshot`` instead)
-are left out of the split.
+``qemu`` is the time QEMU holds the snapshot up after the daemon asked for it
+(``qmp-request`` + ``state-written`` or ``vm-pause``: the command received and
+dispatched, the vCPUs paused, the device state saved; ``state-written`` also holds the
+daemon's noticing the write), ``daemon`` the rest of the latency (the trace line seen,
+reading, parsing, validating, the maps and the attach). Percentiles of stages do not
+add up; these say which side a slow change's time was on. Changes where QEMU's pause
+was not seen (``snapshot`` instead) are left out of the split.
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-#: The stages of a change that are QEMU's, from the command sent to the device state saved.
-QEMU_STAGES = ("qmp-request", "vm-pause")
+#: The stages of a change that are QEMU's, from the command sent to the device's state
+#: saved: the command until the VM paused, then the state written (early read) or the
+#: whole pause (a read at the reply); a change has one of the last two.
+QEMU_STAGES = ("qmp-request", "state-written", "vm-pause")
 
 
 async def next_latencies(daemon: Daemon, monitor: QMPClient, count: int,
@@ -125,8 +129,8 @@ async def next_latencies(daemon: Daemon, monitor: QMPClient, count: int,
                 changed = data.get("stages-ms") or {}
                 for stage, ms in changed.items():
                     stages.setdefault(stage, []).append(ms)
-                if all(stage in changed for stage in QEMU_STAGES):
-                    qemu = sum(changed[stage] for stage in QEMU_STAGES)
+                if "qmp-request" in changed and len(changed.keys() & set(QEMU_STAGES)) == 2:
+                    qemu = sum(changed.get(stage, 0.0) for stage in QEMU_STAGES)
                     split.setdefault("qemu", []).append(qemu)
                     split.setdefault("daemon", []).append(data["latency-ms"] - qemu)
     try:
