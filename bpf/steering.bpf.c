@@ -287,8 +287,9 @@ struct scratch {
 	u8 win[WINDOW_MASK + 1 + MAX_ASK];
 };
 
-BPF_ARRAY(rss_slots, struct rss_slot, SLOT_COUNT);
-BPF_ARRAY(control, struct steering_control, 1);
+/* The loader writes the slots and the control word through their mapping in its memory. */
+BPF_F_TABLE("array", u32, struct rss_slot, rss_slots, SLOT_COUNT, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct steering_control, control, 1, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(counters, struct steering_counters, 1);
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
 /*

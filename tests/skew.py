@@ -21,7 +21,8 @@ def _call(result: int, what: str) -> None:
         raise OSError(ct.get_errno(), f"{what}: {os.strerror(ct.get_errno())}")
 
 
-def _live_slot(program: SteeringProgram) -> tuple[int, RssSlot]:
+def live_slot(program: SteeringProgram) -> tuple[int, RssSlot]:
+    """(index, contents) of the live slot, read through the maps' fds."""
     fds = program.map_fds
     zero, control = ct.c_uint32(0), SteeringControl()
     _call(lib.bpf_lookup_elem(fds["control"], ct.byref(zero), ct.byref(control)), "control")
@@ -38,7 +39,7 @@ def _write_slot(program: SteeringProgram, index: int, slot: RssSlot) -> None:
 
 def skew_indirection_entry(program: SteeringProgram, index: int, queue: int) -> None:
     """Overwrite indirection entry *index* of the live slot with *queue*."""
-    slot_index, slot = _live_slot(program)
+    slot_index, slot = live_slot(program)
     if not 0 <= index < slot.table_length:
         raise IndexError(f"indirection entry {index} outside 0..{slot.table_length - 1}")
     slot.indirection[index] = queue
@@ -47,6 +48,6 @@ def skew_indirection_entry(program: SteeringProgram, index: int, queue: int) -> 
 
 def skew_toeplitz_entry(program: SteeringProgram, position: int, byte: int, value: int) -> None:
     """Overwrite the live slot's Toeplitz table entry for *byte* at input *position*."""
-    slot_index, slot = _live_slot(program)
+    slot_index, slot = live_slot(program)
     slot.toeplitz[position][byte] = value
     _write_slot(program, slot_index, slot)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.prereq import need_bcc
-from tests.skew import skew_indirection_entry, skew_toeplitz_entry
+from tests.skew import live_slot, skew_indirection_entry, skew_toeplitz_entry
 from vnetbackend.bench.samples import sample_frames
 from vnetbackend.rss import HashReport, HashType, InvalidRssConfig, RssConfig
+from vnetbackend.rss.toeplitz import tables_for
 from vnetbackend.rss.vectors import MICROSOFT_KEY
 from vnetbackend.steering import (
     MapsInconsistent,
@@ -83,6 +84,27 @@ def test_apply_and_read_back(program: SteeringProgram) -> None:
     program.apply(config, redirect=False)
     assert program.read_state() == SteeringState(True, False, config)
     assert prog_test_run(program.fd, TCP4).retval == 3
+
+
+def test_the_kernel_holds_what_apply_wrote_through_the_mapping(
+        program: SteeringProgram) -> None:
+    # Read through the map's fd (a system call), not the mapping apply writes through;
+    # the tables compared with the model's own, built bit by bit from the key.
+    key = bytes(range(3, 43))
+    config = _config(key=key, indirection_table=[7, 1, 5, 3], queues=8, unclassified_queue=6)
+    for delivered in (8, 3):
+        program.apply(config, delivered_queues=delivered)
+        _, slot = live_slot(program)
+        assert (slot.enabled, slot.redirect, slot.hash_types) == (1, 1, 0x1FF)
+        assert bytes(slot.key) == key
+        assert list(slot.indirection)[:4] == [q % delivered for q in (7, 1, 5, 3)]
+        assert slot.unclassified_queue == 6 % delivered
+        assert slot.generation == program.generation
+        tables = tables_for(key)
+        assert [list(row) for row in slot.toeplitz] == [list(tables[i]) for i in range(36)]
+    program.disable()
+    _, slot = live_slot(program)
+    assert (slot.enabled, slot.key_length, bytes(slot.key)) == (0, 0, bytes(40))
 
 
 def test_invalid_configuration_is_refused_and_the_previous_stays(

@@ -21,6 +21,10 @@ to the tap, which QEMU keeps at the device's active pairs. `apply` takes that nu
 reduced modulo it, so the program's answer, and its report, is the queue a frame really
 reaches, at no cost per frame.
 
+The slots and the control word are written through their mapping in this process's
+memory (`vnetbackend.steering.mapped`): a switch is plain stores into the spare slot and
+then one release store of ``active_slot``, with no system call.
+
 One writer at a time: `apply` and `disable` reuse the spare slot, so two concurrent
 writers (or two switches while a frame is still being steered by the older slot) could
 mix configurations.
@@ -50,9 +54,10 @@ from vnetbackend.steering.layout import (
     SteeringCounters,
     layout_defines,
 )
+from vnetbackend.steering.mapped import RELEASE, Atomics, MappedMap
 from vnetbackend.steering.reports import ReportReader, ReportRings
 from vnetbackend.steering.ring import RingBuffer
-from vnetbackend.steering.tables import toeplitz_rows
+from vnetbackend.steering.tables import cached_rows
 
 #: Where the C source lives: ``bpf/`` at the top of the repository.
 SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
@@ -169,6 +174,7 @@ class SteeringProgram:
         self._reader: ReportReader | None = None
         self._bell: RingBuffer | None = None
         self._prog_fd, self._release = self._function.fd, self._bpf.cleanup
+        self._values: _Values | None = _map_values(self._fds, self._release)
 
     # -- instances loaded without compiling (vnetbackend.steering.instances) -----------
 
@@ -189,6 +195,7 @@ class SteeringProgram:
         program._rings = program._reader = program._bell = None
         program._prog_fd, program._release = prog_fd, release
         program._init_generations()
+        program._values = _map_values(program._fds, release)
         return program
 
     def _init_generations(self) -> None:
@@ -221,6 +228,9 @@ class SteeringProgram:
 
     def close(self) -> None:
         """Unload (a tap the program is attached to keeps its own reference)."""
+        if self._values is not None:
+            self._values.close()
+            self._values = None
         if self._rings is not None:
             self._rings.close()
             self._rings = self._reader = None
@@ -248,34 +258,30 @@ class SteeringProgram:
         _map_call(name, f"update [{index}]",
                   self._lib.bpf_update_elem(self._fds[name], ct.byref(key), ct.byref(value), 0))
 
-    def _control(self) -> SteeringControl:
-        control = SteeringControl()
-        self._lookup("control", 0, control)
-        return control
+    def _mapped(self) -> _Values:
+        if self._values is None:
+            raise SteeringError("the steering program was closed")
+        return self._values
 
-    def _active_slot(self) -> tuple[int, RssSlot]:
-        index = self._control().active_slot % SLOT_COUNT
-        slot = RssSlot()
-        self._lookup("rss_slots", index, slot)
-        return index, slot
+    def _active_slot(self) -> RssSlot:
+        values = self._mapped()
+        return values.slots[values.control.active_slot % SLOT_COUNT]
 
-    def _switch_to(self, slot: RssSlot, state: SteeringState,
+    def _switch_to(self, state: SteeringState, fill: Callable[[RssSlot], None],
                    delivered_queues: int | None = None) -> None:
-        control = self._control()
-        spare = (control.active_slot + 1) % SLOT_COUNT
+        """Clear the spare slot, have *fill* write *state* into it, then make it live."""
+        values = self._mapped()
+        spare = (values.control.active_slot + 1) % SLOT_COUNT
+        slot = values.slots[spare]
+        ct.memset(ct.addressof(slot), 0, RssSlot.toeplitz.offset)
+        fill(slot)
         number = (self._generation + 1) & 0xFFFFFFFF
         slot.generation = number
-        self._update("rss_slots", spare, slot)
         # Known before the switch: a report of the new generation may come at once.
         self._generations[number] = Generation(number, state, delivered_queues)
         while len(self._generations) > GENERATIONS_KEPT:
             self._generations.popitem(last=False)
-        control.active_slot = spare
-        try:
-            self._update("control", 0, control)
-        except SteeringError:
-            del self._generations[number]
-            raise
+        values.atomics.store32(ct.addressof(values.control), spare, RELEASE)
         self._generation = number
 
     @property
@@ -304,21 +310,27 @@ class SteeringProgram:
             raise ValueError(f"delivered_queues must be a positive integer, "
                              f"got {delivered_queues!r}")
         modulo = delivered_queues or config.queues
-        slot = RssSlot(enabled=1, redirect=int(bool(redirect)), hash_types=int(config.hash_types),
-                       table_length=len(config.indirection_table),
-                       unclassified_queue=config.unclassified_queue % modulo,
-                       queues=config.queues, key_length=len(config.key))
-        slot.key[: len(config.key)] = config.key
-        slot.indirection[: len(config.indirection_table)] = [
-            queue % modulo for queue in config.indirection_table]
-        rows = toeplitz_rows(config.key)
-        assert rows.nbytes == ct.sizeof(slot.toeplitz)
-        ct.memmove(ct.addressof(slot.toeplitz), rows.ctypes.data, rows.nbytes)
-        self._switch_to(slot, SteeringState(True, bool(redirect), config), delivered_queues)
+        rows = cached_rows(bytes(config.key))
+        assert rows.nbytes == RssSlot.toeplitz.size
+        table = [queue % modulo for queue in config.indirection_table]
+
+        def fill(slot: RssSlot) -> None:
+            slot.enabled, slot.redirect = 1, int(bool(redirect))
+            slot.hash_types, slot.table_length = int(config.hash_types), len(table)
+            slot.unclassified_queue = config.unclassified_queue % modulo
+            slot.queues, slot.key_length = config.queues, len(config.key)
+            slot.key[: len(config.key)] = config.key
+            slot.indirection[: len(table)] = table
+            ct.memmove(ct.addressof(slot.toeplitz), rows.ctypes.data, rows.nbytes)
+
+        self._switch_to(SteeringState(True, bool(redirect), config), fill, delivered_queues)
 
     def disable(self) -> None:
         """RSS off: no hash, report type NONE, every frame to queue 0."""
-        self._switch_to(RssSlot(table_length=1, queues=1), SteeringState(False, False, None))
+        def fill(slot: RssSlot) -> None:
+            slot.table_length, slot.queues = 1, 1
+
+        self._switch_to(SteeringState(False, False, None), fill)
 
     def read_state(self) -> SteeringState:
         """The live configuration as the maps hold it.
@@ -326,7 +338,7 @@ class SteeringProgram:
         Raises `MapsInconsistent` if the Toeplitz tables were not built from the stored
         key, and InvalidRssConfig if the stored values are no valid configuration.
         """
-        _, slot = self._active_slot()
+        slot = RssSlot.from_buffer_copy(self._active_slot())
         if not slot.enabled:
             return SteeringState(False, False, None)
         key = bytes(slot.key)[: slot.key_length]
@@ -353,13 +365,11 @@ class SteeringProgram:
         """Report one frame in *every* (per CPU); 0 switches reports off."""
         if not isinstance(every, int) or not 0 <= every <= 0xFFFFFFFF:
             raise ValueError(f"report sampling must be 0..2**32-1, got {every!r}")
-        control = self._control()
-        control.report_every = every
-        self._update("control", 0, control)
+        self._mapped().control.report_every = every
 
     @property
     def report_every(self) -> int:
-        return self._control().report_every
+        return self._mapped().control.report_every
 
     def counters(self) -> Counters:
         per_cpu = (SteeringCounters * self._cpus)()
@@ -400,3 +410,41 @@ class SteeringProgram:
     def detach(queue_fd: int) -> None:
         """Remove whatever steering program the tap behind *queue_fd* has."""
         tap.set_steering_program(queue_fd, -1)
+
+
+@dataclass
+class _Values:
+    """The slots and the control word, as mapped into this process."""
+
+    slot_memory: MappedMap
+    control_memory: MappedMap
+    atomics: Atomics
+    slots: list[RssSlot]
+    control: SteeringControl
+
+    def close(self) -> None:
+        self.slots.clear()
+        self.slot_memory.close()
+        self.control_memory.close()
+
+
+def _map_values(fds: Mapping[str, int], release: Callable[[], None]) -> _Values:
+    """Map the program's slots and control word (maps made with ``BPF_F_MMAPABLE``);
+    *release* frees the program if they cannot be mapped."""
+    try:
+        atomics = Atomics()
+        slot_memory = MappedMap(fds["rss_slots"], SLOT_COUNT * -(-ct.sizeof(RssSlot) // 8) * 8,
+                                "rss_slots")
+        try:
+            control_memory = MappedMap(fds["control"], ct.sizeof(SteeringControl), "control")
+        except OSError:
+            slot_memory.close()
+            raise
+    except OSError as err:
+        release()
+        raise SteeringError(f"steering maps: {err}") from None
+    stride = -(-ct.sizeof(RssSlot) // 8) * 8  # the kernel's element size
+    slots = [RssSlot.from_address(slot_memory.address + index * stride)
+             for index in range(SLOT_COUNT)]
+    return _Values(slot_memory, control_memory, atomics, slots,
+                   SteeringControl.from_address(control_memory.address))

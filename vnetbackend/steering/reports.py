@@ -17,8 +17,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes as ct
-import mmap
-import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,6 +33,7 @@ from vnetbackend.steering.layout import (
     ReportCursor,
     SteeringReport,
 )
+from vnetbackend.steering.mapped import SEQ_CST, Atomics, MappedMap
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,48 +100,10 @@ RECORD_DTYPE = np.dtype(SteeringReport)
 _CURSOR_SIZE = ct.sizeof(ReportCursor)
 _HEAD = ReportCursor.head.offset
 _TAIL = ReportCursor.tail.offset
-_SEQ_CST = 5  # __ATOMIC_SEQ_CST
 
 
 class ReportRingError(VnetError):
     """The report rings could not be mapped into this process, or were closed."""
-
-
-class _Atomics:
-    """Sequentially consistent 64-bit loads and exchanges (libatomic): on x86 the exchange
-    is a full barrier, which the handshake with the program needs (see `ReportRings`)."""
-
-    def __init__(self) -> None:
-        try:
-            lib = ct.CDLL("libatomic.so.1")
-        except OSError as err:
-            raise ReportRingError(f"report rings need libatomic.so.1: {err}") from None
-        self.load = lib["__atomic_load_8"]
-        self.load.argtypes = [ct.c_void_p, ct.c_int]
-        self.load.restype = ct.c_uint64
-        self.exchange = lib["__atomic_exchange_8"]
-        self.exchange.argtypes = [ct.c_void_p, ct.c_uint64, ct.c_int]
-        self.exchange.restype = ct.c_uint64
-
-
-_libc = ct.CDLL(None, use_errno=True)
-_libc.mmap.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int, ct.c_int, ct.c_int, ct.c_long]
-_libc.mmap.restype = ct.c_void_p
-_libc.munmap.argtypes = [ct.c_void_p, ct.c_size_t]
-_libc.munmap.restype = ct.c_int
-_MAP_FAILED = ct.c_void_p(-1).value
-
-
-def _map_shared(fd: int, length: int, what: str) -> tuple[int, int]:
-    """(address, length) of *fd*'s first *length* bytes (rounded up to pages), shared."""
-    length = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
-    address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                         fd, 0)
-    if address in (None, _MAP_FAILED):
-        err = ct.get_errno()
-        raise ReportRingError(f"mapping the report {what} (fd {fd}, {length} bytes): "
-                              f"{os.strerror(err)}")
-    return address, length
 
 
 class ReportSource(Protocol):
@@ -169,22 +130,29 @@ class ReportRings:
 
     def __init__(self, cursors_fd: int, slots_fd: int, bell_fd: int,
                  consume_bell: Callable[[], None], *, cpus: int, slots: int) -> None:
-        self._atomics = _Atomics()
+        try:
+            self._atomics = Atomics()
+        except OSError as err:
+            raise ReportRingError(f"report rings need libatomic.so.1: {err}") from None
         self._cpus, self._slots = cpus, slots
         self._bell_fd, self._consume_bell = bell_fd, consume_bell
-        self._cursors, self._cursors_len = _map_shared(cursors_fd, cpus * _CURSOR_SIZE,
-                                                       "cursors")
         try:
-            self._records, self._records_len = _map_shared(
-                slots_fd, cpus * slots * _RECORD_SIZE, "slots")
-        except ReportRingError:
-            _libc.munmap(self._cursors, self._cursors_len)
-            raise
-        records = (ct.c_char * (cpus * slots * _RECORD_SIZE)).from_address(self._records)
+            self._cursor_map = MappedMap(cursors_fd, cpus * _CURSOR_SIZE, "the report cursors")
+        except OSError as err:
+            raise ReportRingError(str(err)) from None
+        try:
+            self._record_map = MappedMap(slots_fd, cpus * slots * _RECORD_SIZE,
+                                         "the report slots")
+        except OSError as err:
+            self._cursor_map.close()
+            raise ReportRingError(str(err)) from None
+        self._cursors = self._cursor_map.address
+        records = (ct.c_char * (cpus * slots * _RECORD_SIZE)).from_address(
+            self._record_map.address)
         self._array = np.frombuffer(records, dtype=RECORD_DTYPE)
         self._closed = False
         self.taken = 0
-        self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, _SEQ_CST)
+        self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, SEQ_CST)
                        for cpu in range(cpus)]
 
     @property
@@ -202,11 +170,11 @@ class ReportRings:
         total = 0
         for cpu in range(self._cpus):
             cursor, tail = self._cursor(cpu), self._tails[cpu]
-            while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
+            while (head := self._atomics.load(cursor + _HEAD, SEQ_CST)) != tail:
                 # The program never runs more than a ring ahead of the tail it saw.
                 total += head - max(tail, head - self._slots)
                 tail = head
-                self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
+                self._atomics.exchange(cursor + _TAIL, tail, SEQ_CST)
             self._tails[cpu] = tail
         return total
 
@@ -220,7 +188,7 @@ class ReportRings:
         pieces = []
         for cpu in range(self._cpus):
             cursor, tail = self._cursor(cpu), self._tails[cpu]
-            while (head := self._atomics.load(cursor + _HEAD, _SEQ_CST)) != tail:
+            while (head := self._atomics.load(cursor + _HEAD, SEQ_CST)) != tail:
                 tail = min(max(tail, head - self._slots), head)
                 base = cpu * self._slots
                 first, count = tail % self._slots, head - tail
@@ -229,7 +197,7 @@ class ReportRings:
                 if first + count > self._slots:
                     pieces.append(self._array[base: base + first + count - self._slots].copy())
                 tail = head
-                self._atomics.exchange(cursor + _TAIL, tail, _SEQ_CST)
+                self._atomics.exchange(cursor + _TAIL, tail, SEQ_CST)
             self._tails[cpu] = tail
         batch = np.concatenate(pieces) if pieces else np.empty(0, RECORD_DTYPE)
         self.taken += len(batch)
@@ -240,8 +208,8 @@ class ReportRings:
         if not self._closed:
             self._closed = True
             del self._array
-            _libc.munmap(self._records, self._records_len)
-            _libc.munmap(self._cursors, self._cursors_len)
+            self._record_map.close()
+            self._cursor_map.close()
 
 
 #: Records a pumping reader keeps for `ReportReader.drain`/`next` callers (6 MiB).
