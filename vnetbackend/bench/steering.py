@@ -1,7 +1,11 @@
 """Cost of the steering program per frame under BPF_PROG_TEST_RUN, beside two yardsticks.
 
 Each figure is the median, over --rounds rounds, of the mean run time per frame over
---repeat runs of one frame, as the kernel measures it.
+--repeat runs of one frame, as the kernel measures it. A round times the empty program
+and then every figure of one case back to back, and each ratio is the median of the
+rounds' own ratios, so that a machine whose speed drifts during the run (a shared host
+does) moves both sides of a ratio alike. The whole run stays on one CPU (``cpu``): a
+test run executes on the CPU that asks for it, and its caches are part of the cost.
 
 * ``ns``: reports off.
 * ``ns_reports``: a report for every frame into the program's default report rings, which
@@ -14,17 +18,21 @@ Each figure is the median, over --rounds rounds, of the mean run time per frame 
   set input bit, XOR in the key's 32-bit window at that bit), reports off.
 
 Ratios are to the empty program (``ratio*``, and ``bitwise_ratio`` for the yardstick
-itself) and to the bit-by-bit build (``*_to_bitwise``). ``reports_dropped`` counts
-reports that found their ring full anyway (0 means all were timed writes).
+itself) and to the bit-by-bit build (``*_to_bitwise``); each case gives the median empty
+program of its rounds (``empty_ns``), the top level that of all rounds.
+``reports_dropped`` counts reports that found their ring full anyway (0 means all were
+timed writes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from vnetbackend.bench.samples import sample_frames
@@ -92,8 +100,46 @@ class _Timer:
         return duration
 
 
-def _median(rounds: int, timing: Callable[[], float]) -> float:
-    return round(statistics.median(timing() for _ in range(rounds)), 1)
+@dataclass(frozen=True, slots=True)
+class _Round:
+    """One round of one case, in ns per frame."""
+
+    empty: float
+    plain: float
+    bitwise: float
+    drained: float
+    unread: float
+
+
+def _figures(rounds: list[_Round]) -> dict[str, float]:
+    """A case's figures: medians of the rounds' times and of the rounds' own ratios."""
+    def median(value: Callable[[_Round], float], digits: int = 1) -> float:
+        return round(statistics.median(value(r) for r in rounds), digits)
+
+    return {
+        "empty_ns": median(lambda r: r.empty),
+        "ns": median(lambda r: r.plain), "ns_reports": median(lambda r: r.drained),
+        "ns_reports_unread": median(lambda r: r.unread),
+        "ns_bitwise": median(lambda r: r.bitwise),
+        "ratio": median(lambda r: r.plain / r.empty, 2),
+        "ratio_reports": median(lambda r: r.drained / r.empty, 2),
+        "ratio_reports_unread": median(lambda r: r.unread / r.empty, 2),
+        "bitwise_ratio": median(lambda r: r.bitwise / r.empty, 2),
+        "ratio_to_bitwise": median(lambda r: r.plain / r.bitwise, 2),
+        "ratio_reports_to_bitwise": median(lambda r: r.drained / r.bitwise, 2),
+    }
+
+
+@contextlib.contextmanager
+def _on_one_cpu() -> Iterator[int]:
+    """Run the block on one of the CPUs this process may use (the highest numbered)."""
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -109,41 +155,38 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     empty = BPF(text=EMPTY_PROGRAM)
     empty_fd = empty.load_func(b"empty", BPF.SOCKET_FILTER).fd
     cases: dict[str, dict[str, float]] = {}
+    empties: list[float] = []
     written = dropped = 0
-    with SteeringProgram() as program, \
+    with _on_one_cpu() as cpu, SteeringProgram() as program, \
             SteeringProgram(report_slots=_slots_for(args.repeat)) as big_ring, \
             bitwise_program() as bitwise:
         for loaded in (program, big_ring, bitwise):
             loaded.apply(config)
             loaded.reset_counters()
-        empty_ns = _median(args.rounds, lambda: timer.plain(empty_fd, frames["ipv4_tcp"]))
+        big_ring.set_reports(1)
         for name, frame in frames.items():
-            program.set_reports(0)
-            plain = _median(args.rounds, lambda frame=frame: timer.plain(program.fd, frame))
-            by_bits = _median(args.rounds, lambda frame=frame: timer.plain(bitwise.fd, frame))
-            program.set_reports(1)
-            drained = _median(args.rounds,
-                              lambda frame=frame: timer.drained(program, frame, chunk))
-            big_ring.set_reports(1)
-            unread = _median(args.rounds, lambda frame=frame: timer.unread(big_ring, frame))
-            cases[name] = {
-                "ns": plain, "ns_reports": drained, "ns_reports_unread": unread,
-                "ns_bitwise": by_bits,
-                "ratio": round(plain / empty_ns, 2),
-                "ratio_reports": round(drained / empty_ns, 2),
-                "ratio_reports_unread": round(unread / empty_ns, 2),
-                "bitwise_ratio": round(by_bits / empty_ns, 2),
-                "ratio_to_bitwise": round(plain / by_bits, 2),
-                "ratio_reports_to_bitwise": round(drained / by_bits, 2),
-            }
+            rounds = []
+            for _ in range(args.rounds):
+                program.set_reports(0)
+                empty_time = timer.plain(empty_fd, frames["ipv4_tcp"])
+                plain = timer.plain(program.fd, frame)
+                by_bits = timer.plain(bitwise.fd, frame)
+                program.set_reports(1)
+                drained = timer.drained(program, frame, chunk)
+                rounds.append(_Round(empty_time, plain, by_bits, drained,
+                                     timer.unread(big_ring, frame)))
+            empties += [r.empty for r in rounds]
+            cases[name] = _figures(rounds)
         for loaded in (program, big_ring):
             written += loaded.counters().reports
             dropped += loaded.counters().reports_dropped
     empty.cleanup()
+    empty_ns = round(statistics.median(empties), 1)
     missed = [f"{name}.{figure}" for (name, figure), limit in TARGETS.items()
               if cases[name][figure] > limit]
     return {
         "benchmark": "steering",
+        "cpu": cpu,
         "empty_ns": empty_ns,
         "cases": cases,
         "repeat": args.repeat,
