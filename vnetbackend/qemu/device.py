@@ -246,9 +246,9 @@ class DeviceStateReader:
         `vnetbackend.qemu.snapshot.SnapshotError` when the snapshot cannot be read. The
         command's reply may still be on its way: `confirm` takes it.
         """
-        assert self._written is not None, "enter the DeviceStateReader first"
-        written = self._written
         asked, saving = await self._save()
+        written = self._written
+        assert written is not None  # _save refuses a reader that was not entered
         while not saving.done():
             waiting = asyncio.ensure_future(written.written.wait())
             try:

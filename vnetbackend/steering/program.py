@@ -65,6 +65,9 @@ SOURCE_PATH = Path(__file__).resolve().parents[2] / "bpf" / "steering.bpf.c"
 DEFAULT_REPORT_SLOTS = 4096
 #: Configurations remembered by generation, for reports still to be judged.
 GENERATIONS_KEPT = 64
+#: Where slot i starts in the mapped `rss_slots`: the kernel rounds an array map's
+#: elements up to 8 bytes.
+_SLOT_STRIDE = -(-ct.sizeof(RssSlot) // 8) * 8
 
 
 class SteeringError(VnetError):
@@ -269,7 +272,9 @@ class SteeringProgram:
 
     def _switch_to(self, state: SteeringState, fill: Callable[[RssSlot], None],
                    delivered_queues: int | None = None) -> None:
-        """Clear the spare slot, have *fill* write *state* into it, then make it live."""
+        """Have *fill* write *state* into the spare slot, then make that slot live. The
+        slot's fields before its Toeplitz tables are cleared first; the tables are left
+        to *fill* (`apply` writes them whole, and RSS off never reads them)."""
         values = self._mapped()
         spare = (values.control.active_slot + 1) % SLOT_COUNT
         slot = values.slots[spare]
@@ -281,7 +286,8 @@ class SteeringProgram:
         self._generations[number] = Generation(number, state, delivered_queues)
         while len(self._generations) > GENERATIONS_KEPT:
             self._generations.popitem(last=False)
-        values.atomics.store32(ct.addressof(values.control), spare, RELEASE)
+        values.atomics.store32(ct.addressof(values.control)
+                               + SteeringControl.active_slot.offset, spare, RELEASE)
         self._generation = number
 
     @property
@@ -433,8 +439,7 @@ def _map_values(fds: Mapping[str, int], release: Callable[[], None]) -> _Values:
     *release* frees the program if they cannot be mapped."""
     try:
         atomics = Atomics()
-        slot_memory = MappedMap(fds["rss_slots"], SLOT_COUNT * -(-ct.sizeof(RssSlot) // 8) * 8,
-                                "rss_slots")
+        slot_memory = MappedMap(fds["rss_slots"], SLOT_COUNT * _SLOT_STRIDE, "rss_slots")
         try:
             control_memory = MappedMap(fds["control"], ct.sizeof(SteeringControl), "control")
         except OSError:
@@ -443,8 +448,7 @@ def _map_values(fds: Mapping[str, int], release: Callable[[], None]) -> _Values:
     except OSError as err:
         release()
         raise SteeringError(f"steering maps: {err}") from None
-    stride = -(-ct.sizeof(RssSlot) // 8) * 8  # the kernel's element size
-    slots = [RssSlot.from_address(slot_memory.address + index * stride)
+    slots = [RssSlot.from_address(slot_memory.address + index * _SLOT_STRIDE)
              for index in range(SLOT_COUNT)]
     return _Values(slot_memory, control_memory, atomics, slots,
                    SteeringControl.from_address(control_memory.address))
