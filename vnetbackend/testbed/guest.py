@@ -95,10 +95,10 @@ class _BootStalled(VnetError):
 
 
 class _BootCrashed(VnetError):
-    """One boot ended in a known QEMU crash (`vnetbackend.testbed.qemu_issues`)."""
+    """One boot ended in a known crash (`vnetbackend.testbed.qemu_issues`)."""
 
     def __init__(self, crash: QemuCrash, failure: GuestBootError) -> None:
-        super().__init__(f"QEMU crashed as {crash.name} does: {crash.description}")
+        super().__init__(f"the boot crashed as {crash.name} does: {crash.description}")
         self.failure = failure
 
 
@@ -321,7 +321,9 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
     except (AgentError, OSError, QMPError) as err:
         failure = GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
                                  quoted(qemu.argv))
-        crash = known_crash(qemu.log_text(), qemu_version) if qemu.returncode else None
+        exited = qemu.returncode is not None
+        crash = (known_crash(qemu.log_text(), qemu.console_text(), qemu_version) if exited
+                 else None)
         if crash is not None:
             raise _BootCrashed(crash, failure) from None
         raise failure from None
