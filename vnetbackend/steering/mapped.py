@@ -55,12 +55,12 @@ class Atomics:
 
     def __init__(self) -> None:
         lib = ct.CDLL("libatomic.so.1")  # OSError if missing: callers name what needs it
-        self.load = lib["__atomic_load_8"]
-        self.load.argtypes = [ct.c_void_p, ct.c_int]
-        self.load.restype = ct.c_uint64
-        self.exchange = lib["__atomic_exchange_8"]
-        self.exchange.argtypes = [ct.c_void_p, ct.c_uint64, ct.c_int]
-        self.exchange.restype = ct.c_uint64
+        self.load64 = lib["__atomic_load_8"]
+        self.load64.argtypes = [ct.c_void_p, ct.c_int]
+        self.load64.restype = ct.c_uint64
+        self.exchange64 = lib["__atomic_exchange_8"]
+        self.exchange64.argtypes = [ct.c_void_p, ct.c_uint64, ct.c_int]
+        self.exchange64.restype = ct.c_uint64
         self.store32 = lib["__atomic_store_4"]
         self.store32.argtypes = [ct.c_void_p, ct.c_uint32, ct.c_int]
         self.store32.restype = None

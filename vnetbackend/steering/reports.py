@@ -152,7 +152,7 @@ class ReportRings:
         self._array = np.frombuffer(records, dtype=RECORD_DTYPE)
         self._closed = False
         self.taken = 0
-        self._tails = [self._atomics.load(self._cursor(cpu) + _TAIL, SEQ_CST)
+        self._tails = [self._atomics.load64(self._cursor(cpu) + _TAIL, SEQ_CST)
                        for cpu in range(cpus)]
 
     @property
@@ -170,11 +170,11 @@ class ReportRings:
         total = 0
         for cpu in range(self._cpus):
             cursor, tail = self._cursor(cpu), self._tails[cpu]
-            while (head := self._atomics.load(cursor + _HEAD, SEQ_CST)) != tail:
+            while (head := self._atomics.load64(cursor + _HEAD, SEQ_CST)) != tail:
                 # The program never runs more than a ring ahead of the tail it saw.
                 total += head - max(tail, head - self._slots)
                 tail = head
-                self._atomics.exchange(cursor + _TAIL, tail, SEQ_CST)
+                self._atomics.exchange64(cursor + _TAIL, tail, SEQ_CST)
             self._tails[cpu] = tail
         return total
 
@@ -188,7 +188,7 @@ class ReportRings:
         pieces = []
         for cpu in range(self._cpus):
             cursor, tail = self._cursor(cpu), self._tails[cpu]
-            while (head := self._atomics.load(cursor + _HEAD, SEQ_CST)) != tail:
+            while (head := self._atomics.load64(cursor + _HEAD, SEQ_CST)) != tail:
                 tail = min(max(tail, head - self._slots), head)
                 base = cpu * self._slots
                 first, count = tail % self._slots, head - tail
@@ -197,7 +197,7 @@ class ReportRings:
                 if first + count > self._slots:
                     pieces.append(self._array[base: base + first + count - self._slots].copy())
                 tail = head
-                self._atomics.exchange(cursor + _TAIL, tail, SEQ_CST)
+                self._atomics.exchange64(cursor + _TAIL, tail, SEQ_CST)
             self._tails[cpu] = tail
         batch = np.concatenate(pieces) if pieces else np.empty(0, RECORD_DTYPE)
         self.taken += len(batch)
