@@ -103,10 +103,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-#: The stages of a change that are QEMU's, from the command sent to the device's state
-#: saved: the command until the VM paused, then the state written (early read) or the
-#: whole pause (a read at the reply); a change has one of the last two.
-QEMU_STAGES = ("qmp-request", "state-written", "vm-pause")
+#: QEMU's stages after ``qmp-request`` (the command until the VM paused): the state
+#: written (an early read) or the whole pause (a read at the reply); a change has one.
+QEMU_SAVE_STAGES = ("state-written", "vm-pause")
 
 
 async def next_latencies(daemon: Daemon, monitor: QMPClient, count: int,
@@ -129,8 +128,9 @@ async def next_latencies(daemon: Daemon, monitor: QMPClient, count: int,
                 changed = data.get("stages-ms") or {}
                 for stage, ms in changed.items():
                     stages.setdefault(stage, []).append(ms)
-                if "qmp-request" in changed and len(changed.keys() & set(QEMU_STAGES)) == 2:
-                    qemu = sum(changed.get(stage, 0.0) for stage in QEMU_STAGES)
+                saving = next((changed[s] for s in QEMU_SAVE_STAGES if s in changed), None)
+                if "qmp-request" in changed and saving is not None:
+                    qemu = changed["qmp-request"] + saving
                     split.setdefault("qemu", []).append(qemu)
                     split.setdefault("daemon", []).append(data["latency-ms"] - qemu)
     try:
