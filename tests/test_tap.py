@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import subprocess
@@ -90,6 +91,26 @@ def test_context_manager_deletes_on_error(name: str) -> None:
     with pytest.raises(RuntimeError), tap.TapDevice(name):
         raise RuntimeError("boom")
     assert not tap.tap_exists(name)
+
+
+def test_queues_left_detached_by_an_earlier_user_are_attached_again(name: str) -> None:
+    tap.create_tap(name)
+    fds = [tap.open_queue(name) for _ in range(4)]
+    try:
+        for fd in fds[1:3]:  # what a QEMU does for queue pairs its guest has not enabled
+            fcntl.ioctl(fd, tap.TUNSETQUEUE, tap._ifreq(b"", tap.IFF_DETACH_QUEUE))
+        assert "numdisabled 2" in _link_details(name)
+        for fd in fds:
+            tap.attach_queue(fd)
+        details = _link_details(name)
+        assert "numqueues 4" in details
+        assert "numdisabled 0" in details
+        subprocess.run(["ip", "link", "del", "dev", name], check=True)
+        with pytest.raises(tap.TapError, match="gone"):
+            tap.attach_queue(fds[0])
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_a_tap_deleted_under_us_gives_clear_errors(name: str) -> None:

@@ -29,6 +29,7 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 IFF_TUN_EXCL = 0x8000
+IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 #: The flags every queue of our taps is opened with.
 QUEUE_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
@@ -212,6 +213,24 @@ def open_control_queue(name: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def attach_queue(fd: int) -> None:
+    """Attach queue *fd* to its tap again if it was detached; an attached queue stays as is.
+
+    Whether a queue is detached belongs to the open file, not to the process that
+    detached it: a QEMU that exits leaves the queues its guest had not enabled detached,
+    and the next QEMU handed the same fds takes each for attached (QEMU 10.0.2 aborts in
+    ``virtio_net_set_queue_pairs`` when it cannot detach one). The kernel answers EINVAL
+    to attaching a queue that is attached, and also to one whose tap was deleted, which
+    `TUNGETIFF` tells apart.
+    """
+    try:
+        fcntl.ioctl(fd, TUNSETQUEUE, _ifreq(b"", IFF_ATTACH_QUEUE))
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise TapError(_name_of(fd), "attach queue", err.errno or errno.EIO) from None
+        _queue_ioctl(fd, TUNGETIFF, _ifreq(b"", 0), "attach queue")
 
 
 def set_steering_program(fd: int, prog_fd: int) -> None:

@@ -262,6 +262,8 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
         fcntl.ioctl(fds[0], tap.TUNSETPERSIST, 0)
         append = f"console=ttyS0 panic=-1 {options.kernel_args}".strip()
         for attempt in range(1, BOOT_ATTEMPTS + 1):
+            for fd in fds:
+                tap.attach_queue(fd)  # the QEMU of an earlier attempt may have detached it
             run_dir = Path(tempfile.mkdtemp(prefix=f"vnet-guest-{os.getpid()}-"))
             spec = VmSpec(kernel=image.kernel, initrd=image.initrd, tap_fds=tuple(fds),
                           run_dir=run_dir, append=append, rss=options.rss,
