@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import itertools
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.prereq import need_tun
+from tests.prereq import need_program, need_tun
+from tests.qemu_client import connected
 from vnetbackend import tap
+from vnetbackend.qemu.command import monitor_args, net_device_args
+from vnetbackend.qemu.process import QEMU_BINARY, listen_unix, start_qemu
 
 _serial = itertools.count()
 
@@ -108,6 +113,39 @@ def test_queues_left_detached_by_an_earlier_user_are_attached_again(name: str) -
         subprocess.run(["ip", "link", "del", "dev", name], check=True)
         with pytest.raises(tap.TapError, match="gone"):
             tap.attach_queue(fds[0])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def test_the_queues_of_a_qemu_that_exited_take_another_once_attached_again(
+        name: str, tmp_path: Path) -> None:
+    """QEMU detaches the queues of the pairs its guest has not enabled, and they stay
+    detached after it exits; a QEMU handed a detached queue aborts when it cannot detach
+    it. Attached again, the same queues serve one QEMU after another."""
+    need_program(QEMU_BINARY)
+    # pyroute2's synchronous netlink cannot run inside a running event loop.
+    await asyncio.to_thread(tap.create_tap, name)
+    fds = [await asyncio.to_thread(tap.open_queue, name) for _ in range(4)]
+    try:
+        for run in ("first", "second"):
+            for fd in fds:
+                tap.attach_queue(fd)
+            socket = tmp_path / f"{run}.sock"
+            listener = listen_unix(socket)
+            try:
+                process = await start_qemu(
+                    [QEMU_BINARY, "-machine", "q35", "-accel", "tcg", "-S", "-nodefaults",
+                     "-display", "none", *monitor_args("qmp", listener.fileno()),
+                     *net_device_args(fds)],
+                    pass_fds=(listener.fileno(), *fds), log_path=tmp_path / f"{run}.log",
+                    die_with_parent=True)
+            finally:
+                listener.close()
+            async with connected(process, socket) as (_, qmp):
+                assert (await qmp.execute("query-status"))["status"] == "prelaunch", run
+                # The device's reset left one queue pair enabled.
+                assert "numdisabled 3" in _link_details(name), run
     finally:
         for fd in fds:
             os.close(fd)
