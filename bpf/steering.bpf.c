@@ -590,7 +590,7 @@ static __always_inline void parse_frame(struct __sk_buff *skb, struct scratch *s
  * XOR of one table entry per input byte: the Toeplitz hash of data at input position pos.
  * The barrier after every fourth byte keeps clang from loading every byte and computing
  * every entry's address before the first lookup: BPF has ten registers, so it spilled the
- * addresses to the stack, and an IPv6 hash cost a third more.
+ * addresses to the stack, and an IPv6 frame cost about a tenth more in all.
  */
 #define HASH_BYTES(slot, data, pos, n)                                        \
 	({                                                                    \
