@@ -15,6 +15,7 @@ import base64
 import contextlib
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,20 +50,30 @@ class CommandResult:
 
 
 class GuestAgent:
-    """One open connection to the agent port; requests run one at a time."""
+    """One open connection to the agent port; requests run one at a time.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    *describe*, when given, tells what else is known of the guest (its console, say): an
+    `AgentError` for a request that got no answer or a channel that broke carries it.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 describe: Callable[[], str] | None = None) -> None:
         self._reader = reader
         self._writer = writer
+        self._describe = describe
         self._lock = asyncio.Lock()
         self._serial = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self.kernel_release: str | None = None
 
     @classmethod
-    async def connect(cls, path: Path) -> GuestAgent:
+    async def connect(cls, path: Path, describe: Callable[[], str] | None = None,
+                      ) -> GuestAgent:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_REPLY)
-        return cls(reader, writer)
+        return cls(reader, writer, describe)
+
+    def _failure(self, what: str) -> AgentError:
+        return AgentError(what if self._describe is None else f"{what}\n{self._describe()}")
 
     async def close(self) -> None:
         self._writer.close()
@@ -101,9 +112,9 @@ class GuestAgent:
                 return await asyncio.wait_for(self._answer(token), timeout)
             except TimeoutError:
                 await self.close()
-                raise AgentError(f"no answer to {script!r} within {timeout} s") from None
+                raise self._failure(f"no answer to {script!r} within {timeout} s") from None
             except (ConnectionError, asyncio.IncompleteReadError) as err:
-                raise AgentError(f"agent channel broke during {script!r}: {err}") from None
+                raise self._failure(f"agent channel broke during {script!r}: {err}") from None
             except asyncio.LimitOverrunError:
                 await self.close()
                 raise AgentError(f"answer to {script!r} exceeds {MAX_REPLY} bytes") from None

@@ -50,13 +50,18 @@ QEMU_EXIT_GRACE = 5.0
 _names = itertools.count()
 
 
+def _evidence(console: str, qemu_log: str) -> str:
+    """The guest console's last lines and QEMU's output, as failures quote them."""
+    tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
+    return (f"--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n{tail}\n"
+            f"--- qemu output ---\n{qemu_log.strip()}")
+
+
 class GuestBootError(VnetError):
     """The guest did not become ready; the message carries its console and QEMU's log."""
 
     def __init__(self, reason: str, console: str, qemu_log: str, command: str = "") -> None:
-        tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
-        super().__init__(f"{reason}\n--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n"
-                         f"{tail}\n--- qemu output ---\n{qemu_log.strip()}\n"
+        super().__init__(f"{reason}\n{_evidence(console, qemu_log)}\n"
                          f"--- qemu command ---\n{command}")
         self.reason = reason
         self.console = console
@@ -311,7 +316,9 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
     control = QMPClient(f"control-{tap_name}")
     vm.push_async_callback(_quietly_disconnect, control)
     try:
-        agent = await GuestAgent.connect(spec.paths.agent_socket)
+        agent = await GuestAgent.connect(
+            spec.paths.agent_socket,
+            describe=lambda: _evidence(qemu.console_text(), qemu.log_text()))
         vm.push_async_callback(agent.close)
         await control.connect(str(spec.paths.control_socket))
         await _let_guest_run(control, timeout=30.0)
