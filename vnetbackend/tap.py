@@ -220,8 +220,8 @@ def attach_queue(fd: int) -> None:
 
     Whether a queue is detached belongs to the open file, not to the process that
     detached it: a QEMU that exits leaves the queues its guest had not enabled detached,
-    and the next QEMU handed the same fds takes each for attached (QEMU 10.0.2 aborts in
-    ``virtio_net_set_queue_pairs`` when it cannot detach one). The kernel answers EINVAL
+    and the next QEMU handed the same fds takes each for attached (QEMU 7.2 and 10.0 abort
+    in ``virtio_net_set_queue_pairs`` when they cannot detach one). The kernel answers EINVAL
     to attaching a queue that is attached, and also to one whose tap was deleted, which
     `TUNGETIFF` tells apart.
     """
