@@ -32,7 +32,8 @@ async def _guest(path: Path, answer: bool) -> tuple[asyncio.Server, asyncio.Queu
 async def test_an_answer_gives_the_output_and_status(tmp_path: Path) -> None:
     server, scripts = await _guest(tmp_path / "agent", answer=True)
     async with server:
-        agent = await GuestAgent.connect(tmp_path / "agent", describe=lambda: CONSOLE)
+        agent = await GuestAgent.connect(tmp_path / "agent")
+        agent.describe = lambda: CONSOLE
         result = await agent.run("echo hello; exit 3")
         assert await scripts.get() == b"echo hello; exit 3"
         assert (result.output, result.status) == ("hello\n", 3)
@@ -43,7 +44,8 @@ async def test_a_broken_channel_is_reported_with_what_is_known_of_the_guest(
         tmp_path: Path) -> None:
     server, scripts = await _guest(tmp_path / "agent", answer=False)
     async with server:
-        agent = await GuestAgent.connect(tmp_path / "agent", describe=lambda: CONSOLE)
+        agent = await GuestAgent.connect(tmp_path / "agent")
+        agent.describe = lambda: CONSOLE
         with pytest.raises(AgentError, match="channel broke") as broke:
             await agent.run("true")
         assert await scripts.get() == b"true"
@@ -61,7 +63,8 @@ async def test_no_answer_in_time_is_reported_with_what_is_known_of_the_guest(
         writer.close()
 
     async with await asyncio.start_unix_server(silent, str(tmp_path / "agent")):
-        agent = await GuestAgent.connect(tmp_path / "agent", describe=lambda: CONSOLE)
+        agent = await GuestAgent.connect(tmp_path / "agent")
+        agent.describe = lambda: CONSOLE
         with pytest.raises(AgentError, match="no answer to 'true' within") as late:
             await agent.run("true", timeout=0.2)
         held.set()

@@ -52,28 +52,26 @@ class CommandResult:
 class GuestAgent:
     """One open connection to the agent port; requests run one at a time.
 
-    *describe*, when given, tells what else is known of the guest (its console, say): an
+    ``describe``, when set, tells what else is known of the guest (its console, say): an
     `AgentError` for a request that got no answer or a channel that broke carries it.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 describe: Callable[[], str] | None = None) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._describe = describe
+        self.describe: Callable[[], str] | None = None
         self._lock = asyncio.Lock()
         self._serial = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self.kernel_release: str | None = None
 
     @classmethod
-    async def connect(cls, path: Path, describe: Callable[[], str] | None = None,
-                      ) -> GuestAgent:
+    async def connect(cls, path: Path) -> GuestAgent:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_REPLY)
-        return cls(reader, writer, describe)
+        return cls(reader, writer)
 
     def _failure(self, what: str) -> AgentError:
-        return AgentError(what if self._describe is None else f"{what}\n{self._describe()}")
+        return AgentError(what if self.describe is None else f"{what}\n{self.describe()}")
 
     async def close(self) -> None:
         self._writer.close()

@@ -25,6 +25,7 @@ from vnetbackend.daemon import launch
 from vnetbackend.daemon.lifecycle import Daemon
 from vnetbackend.rss import RssConfig
 from vnetbackend.steering.reports import collect_reports
+from vnetbackend.testbed.agent import GuestAgent
 from vnetbackend.testbed.batch import observe_batch
 from vnetbackend.testbed.ethtool import GuestRss
 from vnetbackend.testbed.guest import Guest, GuestOptions, boot_guest
@@ -95,6 +96,13 @@ class VnetGuest:
                                          reports, records)
 
 
+async def _prepare(agent: GuestAgent) -> None:
+    """rxhash on and the observer started, as part of the boot: resizing the trace buffer
+    runs work on every CPU of the guest, so a vCPU that QEMU stopped serving shows here."""
+    await GuestRss(agent).enable_rxhash()
+    await RxObserver(agent).start()
+
+
 @contextlib.asynccontextmanager
 async def guest_under_daemon(work_dir: Path, *, queues: int = 4,
                              platform: Platform | None = None, cpus: int | None = None,
@@ -108,12 +116,10 @@ async def guest_under_daemon(work_dir: Path, *, queues: int = 4,
     qemu, image = await (platform or Platform()).resolve()
     options = GuestOptions(queues=queues, cpus=cpus, rss=rss, image=image, qemu=qemu.binary,
                            extra_args=("-msg", "timestamp=on"))
-    async with boot_guest(options) as guest:
+    async with boot_guest(options, prepare=_prepare) as guest:
         silence_host_stack(guest.tap_name)
         guest_rss = GuestRss(guest.agent)
-        await guest_rss.enable_rxhash()
         observer = RxObserver(guest.agent)
-        await observer.start()
         monitor_path = work_dir / "monitor.sock"
         async with launch.attached(guest.qmp_socket, guest.tap_name, work_dir / "run",
                                    monitor_path, use_trace=use_trace) as daemon:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,12 +238,16 @@ async def _console_goes_quiet(console_log: Path, quiet_for: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Guest]:
+async def boot_guest(options: GuestOptions = GuestOptions(),
+                     prepare: Callable[[GuestAgent], Awaitable[None]] | None = None,
+                     ) -> AsyncIterator[Guest]:
     """Boot a guest as *options* say; yield it once ready; always clean up after.
 
     A guest whose console stays silent for ``options.stall_timeout`` before it is ready
     is taken for hung and booted again, up to `BOOT_ATTEMPTS` times in all, each hang
     announced with a `GuestStalled` warning that carries its console and vCPU state.
+    *prepare*, given the agent of a ready guest, is part of the boot: a boot that ends in
+    a known crash while it runs (`vnetbackend.testbed.qemu_issues`) is booted again too.
     Raises `GuestBootError` (with the console log) if the guest is not ready in time, its
     QEMU exits, or every attempt hung. Every teardown step runs even if an earlier one
     fails.
@@ -278,7 +282,7 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
             vm = contextlib.AsyncExitStack()
             vm.callback(shutil.rmtree, run_dir, ignore_errors=True)
             try:
-                guest = await _boot_vm(vm, name, spec, options, qemu.version)
+                guest = await _boot_vm(vm, name, spec, options, qemu.version, prepare)
             except _BootStalled as hung:
                 await vm.aclose()
                 stall = hung.stall
@@ -304,8 +308,10 @@ async def boot_guest(options: GuestOptions = GuestOptions()) -> AsyncIterator[Gu
 
 
 async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
-                   options: GuestOptions, qemu_version: tuple[int, int, int]) -> Guest:
-    """Start QEMU on *spec* and wait for the guest to be ready; *vm* takes its teardown.
+                   options: GuestOptions, qemu_version: tuple[int, int, int],
+                   prepare: Callable[[GuestAgent], Awaitable[None]] | None) -> Guest:
+    """Start QEMU on *spec*, wait for the guest to be ready and *prepare* it; *vm* takes
+    its teardown.
 
     Raises `_BootStalled` when the console goes silent first, `GuestBootError` on any
     other failure.
@@ -316,13 +322,13 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
     control = QMPClient(f"control-{tap_name}")
     vm.push_async_callback(_quietly_disconnect, control)
     try:
-        agent = await GuestAgent.connect(
-            spec.paths.agent_socket,
-            describe=lambda: _evidence(qemu.console_text(), qemu.log_text()))
+        agent = await GuestAgent.connect(spec.paths.agent_socket)
         vm.push_async_callback(agent.close)
         await control.connect(str(spec.paths.control_socket))
         await _let_guest_run(control, timeout=30.0)
         await _wait_ready(qemu, agent, options.ready_timeout, options.stall_timeout)
+        if prepare is not None:
+            await prepare(agent)
     except _ConsoleSilent as silent:
         raise _BootStalled(GuestStalled(str(silent), qemu.console_text(), qemu.log_text(),
                                         quoted(qemu.argv), await _vcpu_state(control))
@@ -330,12 +336,13 @@ async def _boot_vm(vm: contextlib.AsyncExitStack, tap_name: str, spec: VmSpec,
     except (AgentError, OSError, QMPError) as err:
         failure = GuestBootError(str(err), qemu.console_text(), qemu.log_text(),
                                  quoted(qemu.argv))
-        exited = qemu.returncode is not None
-        crash = (known_crash(qemu.log_text(), qemu.console_text(), qemu_version) if exited
-                 else None)
+        crash = known_crash(qemu.log_text(), qemu.console_text(), qemu_version)
         if crash is not None:
             raise _BootCrashed(crash, failure) from None
         raise failure from None
+    # From now on a request that fails quotes the guest itself (during the boot the
+    # GuestBootError does).
+    agent.describe = lambda: _evidence(qemu.console_text(), qemu.log_text())
     return Guest(tap_name=tap_name, mac=GUEST_MAC_BYTES, qemu=qemu,
                  agent=agent, control=control, boot_seconds=time.monotonic() - started,
                  queue_fds=list(spec.tap_fds), qemu_version=qemu_version)
