@@ -50,11 +50,15 @@ QEMU_EXIT_GRACE = 5.0
 _names = itertools.count()
 
 
+def _console_tail(console: str) -> str:
+    """The guest console's last lines under their heading, as failures quote them."""
+    tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
+    return f"--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n{tail}"
+
+
 def _evidence(console: str, qemu_log: str) -> str:
     """The guest console's last lines and QEMU's output, as failures quote them."""
-    tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
-    return (f"--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n{tail}\n"
-            f"--- qemu output ---\n{qemu_log.strip()}")
+    return f"{_console_tail(console)}\n--- qemu output ---\n{qemu_log.strip()}"
 
 
 class GuestBootError(VnetError):
@@ -77,9 +81,8 @@ class GuestStalled(UserWarning):
 
     def __init__(self, reason: str, console: str, qemu_log: str, command: str,
                  vcpus: str) -> None:
-        tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
         super().__init__(f"{reason}; booting again\n--- vCPUs ---\n{vcpus.strip()}\n"
-                         f"--- guest console (last {CONSOLE_TAIL_LINES} lines) ---\n{tail}")
+                         f"{_console_tail(console)}")
         self.reason = reason
         self.console = console
         self.qemu_log = qemu_log
